@@ -1,0 +1,25 @@
+"""Package metadata for megatron_ls."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="megatron_ls",
+    version="0.1.0",
+    description="Megatron-style distributed training for Long-Short Transformer (Transformer-LS) models",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_ls", "megatron_ls.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately not pinned here: an existing install (CPU or CUDA) must be kept as is.
+    install_requires=["torch>=2.3"] + requirements,
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"], "mpi": ["mpi4py>=3.1"]},
+    license="Apache-2.0",
+)
