@@ -1,0 +1,189 @@
+"""Command line built from the config dataclasses (Megatron flag names), and the DeepSpeed config built from it."""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from megatron_ls.config import (
+    CONFIG_GROUPS,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ParallelConfig,
+    TrainingConfig,
+    TransformerConfig,
+)
+
+
+@dataclass
+class Arguments:
+    """Parsed command line: one config object per concern."""
+
+    model: TransformerConfig
+    parallel: ParallelConfig
+    training: TrainingConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    extra: argparse.Namespace
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str) -> None:
+    meta = f.metadata
+    help_text = meta["help"]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    flag = _flag_name(f)
+    if f.type in ("bool", bool):
+        # Default-False booleans are switches; default-True ones are turned off by a --no-... flag.
+        action = "store_false" if default else "store_true"
+        group.add_argument(flag, dest=dest, action=action, default=default, help=help_text)
+        return
+    kwargs: dict = {"dest": dest, "default": copy.copy(default), "help": help_text,
+                    "metavar": f.name.upper() if "choices" not in meta else None}
+    if "choices" in meta:
+        kwargs["choices"] = meta["choices"]
+    if "nargs" in meta:
+        kwargs["nargs"] = meta["nargs"]
+        kwargs["type"] = meta.get("type", str)
+    else:
+        base = str(f.type).replace("Optional[", "").rstrip("]")
+        kwargs["type"] = {"int": int, "float": float, "str": str}.get(base, str)
+    if "choices" in meta and "type" in kwargs and kwargs["type"] is str and isinstance(meta["choices"][0], int):
+        kwargs["type"] = int
+    if default is not None and "nargs" not in meta:
+        kwargs["help"] += f" Default: {default}."
+    group.add_argument(flag, **kwargs)
+
+
+def build_parser(description: str = "megatron_ls",
+                 extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                 ) -> argparse.ArgumentParser:
+    """An argparse parser with one group per config dataclass (Megatron flag names)."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for prefix, title, cls in CONFIG_GROUPS:
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                _add_field(group, f, dest=f"{prefix}.{f.name}")
+    launcher = parser.add_argument_group("Launcher")
+    # The deepspeed launcher passes --local_rank; torchrun uses LOCAL_RANK. Accept both spellings.
+    launcher.add_argument("--local-rank", "--local_rank", dest="extra.local_rank", type=int,
+                          default=int(os.environ.get("LOCAL_RANK", 0)), help="Set by the launcher.")
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatron_ls",
+               extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+               defaults: Optional[dict] = None, world_size: Optional[int] = None) -> Arguments:
+    """Parse and validate the command line; a bad flag exits with status 2 and one clear message."""
+    parser = build_parser(description, extra_args_provider)
+    if defaults:
+        parser.set_defaults(**defaults)
+    namespace = parser.parse_args(argv)
+    args = arguments_from_namespace(namespace)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        validate_arguments(args, world_size)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def arguments_from_namespace(namespace: argparse.Namespace) -> Arguments:
+    values: dict = {prefix: {} for prefix, _, _ in CONFIG_GROUPS}
+    extra = argparse.Namespace()
+    for key, value in vars(namespace).items():
+        prefix, _, name = key.partition(".")
+        if prefix in values and name:
+            values[prefix][name] = value
+        else:
+            setattr(extra, name or key, value)
+    built = {prefix: cls(**values[prefix]) for prefix, _, cls in CONFIG_GROUPS}
+    return Arguments(extra=extra, **built)
+
+
+def validate_arguments(args: Arguments, world_size: int, require_data: bool = True) -> None:
+    """Cross-check every config; raises ConfigError naming the flags involved."""
+    problems = []
+    checks = [
+        lambda: args.parallel.validate(world_size),
+        lambda: args.model.validate(args.parallel.tensor_model_parallel_size),
+        lambda: args.training.validate(args.parallel.data_parallel_size(world_size) or 1),
+        lambda: args.data.validate(require_data),
+    ]
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    pp = args.parallel.pipeline_model_parallel_size
+    if pp > 1 and args.model.num_layers % pp:
+        problems.append(f"--num-layers {args.model.num_layers} is not divisible by "
+                        f"--pipeline-model-parallel-size {pp}")
+    if args.parallel.context_parallel_size > 1:
+        problems.append("--context-parallel-size > 1 is not implemented yet")
+    if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
+        problems.append("--exit-interval must be positive")
+    if args.checkpoint.save_interval is not None and args.checkpoint.save_interval <= 0:
+        problems.append("--save-interval must be positive")
+    if args.training.deepspeed_config and not os.path.isfile(args.training.deepspeed_config):
+        problems.append(f"--deepspeed-config {args.training.deepspeed_config}: no such file")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_deepspeed_config(args: Arguments, data_parallel_size: int) -> dict:
+    """The DeepSpeed JSON implied by the flags, with ``--deepspeed-config`` merged over it."""
+    t = args.training
+    gbs = t.resolve_global_batch_size(data_parallel_size)
+    config: dict[str, Any] = {
+        "train_batch_size": gbs,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gbs // (t.micro_batch_size * data_parallel_size),
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": {"stage": args.parallel.zero_stage},
+        # Our optimizer is torch AdamW; ZeRO accepts it once told so.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"use_node_local_storage": False},
+    }
+    if t.bf16:
+        config["bf16"] = {"enabled": True}
+    if t.fp16:
+        fp16: dict[str, Any] = {"enabled": True, "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
+                                "loss_scale_window": t.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
+        fp16["loss_scale"] = t.loss_scale if t.loss_scale is not None else 0
+        config["fp16"] = fp16
+    if t.deepspeed_config:
+        try:
+            with open(t.deepspeed_config) as fh:
+                user = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--deepspeed-config {t.deepspeed_config}: {exc}") from exc
+        config = _deep_merge(config, user)
+    return config

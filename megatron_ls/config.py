@@ -1,0 +1,300 @@
+"""Configuration dataclasses, one per concern, with Megatron-LM field names.
+
+The command line (``megatron_ls.arguments``) is generated from these fields: every field becomes the flag
+``--field-name`` (underscores to dashes) unless its metadata names another flag. Validation lives here too, so a
+config built in Python gets the same clear errors as one built from the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased in terms of the command-line flag that causes it."""
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with CLI metadata (help text, optional flag name / choices / nargs)."""
+    meta["help"] = help
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TransformerConfig:
+    """Model shape and the Long-Short attention method (Transformer-LS / MASFormer)."""
+
+    num_layers: int = _f(2, "Number of transformer layers.")
+    hidden_size: int = _f(128, "Transformer hidden size.")
+    num_attention_heads: int = _f(4, "Number of attention heads.")
+    ffn_hidden_size: Optional[int] = _f(None, "MLP hidden size (default 4 * hidden size).")
+    vocab_size: int = _f(256, "Padded vocabulary size (set from the tokenizer when training).", cli=False)
+    seq_length: int = _f(512, "Maximum sequence length to process.")
+    max_position_embeddings: Optional[int] = _f(None, "Size of the learned position table (default seq length).")
+    position_embedding_type: str = _f("learned", "Absolute position embedding.", choices=("learned", "none"))
+    hidden_dropout: float = _f(0.1, "Dropout on the residual branches and embeddings.")
+    attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
+    layernorm_epsilon: float = _f(1e-5, "LayerNorm epsilon.")
+    init_method_std: float = _f(0.02, "Standard deviation of the normal weight initialisation.")
+    window_size: int = _f(128, "Long-Short sliding-window size w (0 = projection-only attention).")
+    segment_length: int = _f(16, "Chunk length l of the causal dynamic projection.")
+    projection_rank: int = _f(1, "Dynamic projection rank r per chunk (0 = window-only attention).")
+    full_attention_layers: tuple = _f((), "Layer indices (0-based) that use full attention (MASFormer).",
+                                      nargs="*", type=int)
+    dual_ln: bool = _f(True, "DualLN on window and projected keys/values.", flag="--no-dual-ln")
+    causal: bool = _f(True, "Autoregressive attention (GPT-LS); ViT-LS sets it False.", cli=False)
+    attention_backend: str = _f("auto", "Long-short attention kernel.", choices=("auto", "torch", "flex"))
+    recompute_activations: bool = _f(False, "Recompute each transformer layer in the backward pass.")
+    seed: int = _f(1234, "Random seed (weights, dropout, data order).")
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        self.full_attention_layers = tuple(int(i) for i in self.full_attention_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def layer_uses_full_attention(self, layer_index: int) -> bool:
+        """True when layer ``layer_index`` (0-based) is a MASFormer full-attention layer."""
+        return layer_index in self.full_attention_layers
+
+    def validate(self, tensor_model_parallel_size: int = 1) -> None:
+        """Raise ConfigError with one message per problem found."""
+        problems = []
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+            problems.append(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                            f"{self.num_attention_heads}")
+        if self.num_attention_heads > 0 and self.num_attention_heads % tensor_model_parallel_size:
+            problems.append(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                            f"--tensor-model-parallel-size {tensor_model_parallel_size}")
+        if self.ffn_hidden_size % tensor_model_parallel_size:
+            problems.append(f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
+                            f"--tensor-model-parallel-size {tensor_model_parallel_size}")
+        if self.window_size < 0:
+            problems.append(f"--window-size must be >= 0, got {self.window_size}")
+        if self.projection_rank < 0:
+            problems.append(f"--projection-rank must be >= 0, got {self.projection_rank}")
+        ls_layers = [i for i in range(self.num_layers) if i not in self.full_attention_layers]
+        if ls_layers and self.window_size == 0 and self.projection_rank == 0:
+            problems.append("--window-size 0 and --projection-rank 0 leave long-short layers no keys; "
+                            "turn one of them on or list every layer in --full-attention-layers")
+        if self.causal and ls_layers and self.projection_rank > 0:
+            if self.segment_length <= 0:
+                problems.append(f"--segment-length must be positive with --projection-rank > 0, "
+                                f"got {self.segment_length}")
+            elif 0 < self.window_size < self.segment_length:
+                problems.append(f"causal long-short attention needs --window-size >= --segment-length "
+                                f"(the window covers the query's own chunk), got w={self.window_size}, "
+                                f"l={self.segment_length}")
+        bad = [i for i in self.full_attention_layers if not 0 <= i < self.num_layers]
+        if bad:
+            problems.append(f"--full-attention-layers {bad} out of range for --num-layers {self.num_layers}")
+        if self.position_embedding_type == "learned" and self.max_position_embeddings < self.seq_length:
+            problems.append(f"--max-position-embeddings {self.max_position_embeddings} is smaller than "
+                            f"--seq-length {self.seq_length}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out: tensor x context x data x pipeline, and ZeRO."""
+
+    tensor_model_parallel_size: int = _f(1, "Tensor model parallel size (heads and MLP columns split).")
+    pipeline_model_parallel_size: int = _f(1, "Pipeline model parallel size (layers split into stages).")
+    context_parallel_size: int = _f(1, "Context parallel size (sequence split across ranks).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0-3; at most 1 with pipeline parallelism).",
+                         choices=(0, 1, 2, 3))
+    distributed_backend: Optional[str] = _f(None, "torch.distributed backend (default nccl on GPU, gloo on CPU).",
+                                            choices=("nccl", "gloo"))
+    distributed_timeout_minutes: float = _f(10.0, "Timeout for rendezvous and collectives.")
+
+    def validate(self, world_size: int) -> None:
+        problems = []
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        model_parallel = (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                          * self.context_parallel_size)
+        if model_parallel >= 1 and world_size % model_parallel:
+            problems.append(f"world size {world_size} is not divisible by tensor ({self.tensor_model_parallel_size})"
+                            f" x pipeline ({self.pipeline_model_parallel_size}) x context "
+                            f"({self.context_parallel_size}) parallel sizes")
+        if self.pipeline_model_parallel_size > 1 and self.zero_stage > 1:
+            problems.append(f"--zero-stage {self.zero_stage} cannot be combined with pipeline parallelism "
+                            f"(DeepSpeed supports ZeRO-0/1 with --pipeline-model-parallel-size > 1)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                              * self.context_parallel_size)
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation: batch sizes, schedule, optimizer, precision."""
+
+    micro_batch_size: int = _f(1, "Batch size per model instance (per data-parallel rank) per step.")
+    global_batch_size: Optional[int] = _f(None, "Training batch size across all data-parallel ranks "
+                                                "(default micro batch x data-parallel size).")
+    train_iters: int = _f(100, "Total number of iterations to train.")
+    lr: float = _f(1e-3, "Peak learning rate.")
+    min_lr: float = _f(0.0, "Minimum learning rate at the end of decay.")
+    lr_decay_style: str = _f("cosine", "Learning rate decay.", choices=("constant", "linear", "cosine"))
+    lr_warmup_iters: int = _f(0, "Linear warmup iterations.")
+    lr_decay_iters: Optional[int] = _f(None, "Iterations to decay over (default --train-iters).")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    clip_grad: float = _f(1.0, "Gradient clipping by global norm (0 disables).")
+    bf16: bool = _f(False, "bfloat16 mixed precision.")
+    fp16: bool = _f(False, "float16 mixed precision with dynamic loss scaling.")
+    loss_scale: Optional[float] = _f(None, "Static loss scale for fp16 (default dynamic).")
+    initial_loss_scale: float = _f(2.0 ** 16, "Initial dynamic loss scale for fp16.")
+    loss_scale_window: int = _f(1000, "Iterations without overflow before the loss scale grows.")
+    deepspeed_config: Optional[str] = _f(None, "DeepSpeed JSON merged over the config built from these flags.")
+
+    def validate(self, data_parallel_size: int) -> None:
+        problems = []
+        if self.micro_batch_size <= 0:
+            problems.append(f"--micro-batch-size must be positive, got {self.micro_batch_size}")
+        gbs = self.global_batch_size
+        if gbs is not None and self.micro_batch_size > 0 and gbs % (self.micro_batch_size * data_parallel_size):
+            problems.append(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                            f"{self.micro_batch_size} x data-parallel size {data_parallel_size}")
+        if self.bf16 and self.fp16:
+            problems.append("--bf16 and --fp16 are mutually exclusive")
+        if self.train_iters <= 0:
+            problems.append(f"--train-iters must be positive, got {self.train_iters}")
+        if self.lr_warmup_iters < 0 or self.lr_warmup_iters > self.train_iters:
+            problems.append(f"--lr-warmup-iters {self.lr_warmup_iters} must be within [0, --train-iters]")
+        if self.min_lr > self.lr:
+            problems.append(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def resolve_global_batch_size(self, data_parallel_size: int) -> int:
+        if self.global_batch_size is None:
+            self.global_batch_size = self.micro_batch_size * data_parallel_size
+        return self.global_batch_size
+
+
+@dataclass
+class DataConfig:
+    """Datasets and tokenizer."""
+
+    data_path: list = _f([], "Dataset prefix(es), optionally weighted: 'PREFIX' or 'W1 P1 W2 P2 ...'.",
+                         nargs="*", type=str)
+    split: str = _f("969,30,1", "Train/valid/test split proportions, by documents.")
+    data_cache_path: Optional[str] = _f(None, "Where index caches are written (default next to the data).")
+    tokenizer_type: str = _f("ByteTokenizer", "Tokenizer.",
+                             choices=("ByteTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
+                                      "NullTokenizer"))
+    tokenizer_model: Optional[str] = _f(None, "SentencePiece model file.")
+    vocab_file: Optional[str] = _f(None, "GPT-2 BPE vocab JSON.")
+    merge_file: Optional[str] = _f(None, "GPT-2 BPE merges file.")
+    null_vocab_size: Optional[int] = _f(None, "Vocabulary size for NullTokenizer.", flag="--vocab-size")
+    make_vocab_size_divisible_by: int = _f(128, "Pad the vocabulary to a multiple of this x tensor parallel.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+
+    def validate(self, require_data: bool = True) -> None:
+        problems = []
+        if require_data and not self.data_path:
+            problems.append("--data-path is required (a dataset prefix built by tools/preprocess_data.py)")
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(p) for p in parts]
+            if not values or len(values) > 3 or any(v < 0 for v in values) or sum(values) <= 0:
+                raise ValueError
+        except ValueError:
+            problems.append(f"--split {self.split!r} must be up to three non-negative numbers, e.g. 969,30,1")
+        if self.tokenizer_type == "SentencePieceTokenizer" and not self.tokenizer_model:
+            problems.append("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+        if self.tokenizer_type == "GPT2BPETokenizer" and not (self.vocab_file and self.merge_file):
+            problems.append("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+        if self.tokenizer_type == "NullTokenizer" and not self.null_vocab_size:
+            problems.append("--tokenizer-type NullTokenizer needs --vocab-size")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save: Optional[str] = _f(None, "Directory to save checkpoints to.")
+    load: Optional[str] = _f(None, "Directory to load a checkpoint from (its 'latest' marker).")
+    save_interval: Optional[int] = _f(None, "Save every this many iterations (and at the end).")
+    no_load_optim: bool = _f(False, "Do not load optimizer state when loading a checkpoint.")
+    no_load_rng: bool = _f(False, "Do not load RNG states when loading a checkpoint.")
+    finetune: bool = _f(False, "Load weights only and restart iteration / data counters at 0.")
+
+
+@dataclass
+class LoggingConfig:
+    """Logging, evaluation and exit."""
+
+    log_interval: int = _f(10, "Iterations between log lines.")
+    eval_interval: Optional[int] = _f(None, "Iterations between validation runs (default: only at the end).")
+    eval_iters: int = _f(10, "Validation iterations per evaluation.")
+    exit_interval: Optional[int] = _f(None, "Exit (after saving) when the iteration is a multiple of this.")
+    tensorboard_dir: Optional[str] = _f(None, "Write tensorboard scalars here.")
+    tensorboard_log_interval: int = _f(1, "Iterations between tensorboard writes.")
+
+
+CONFIG_GROUPS = (
+    ("model", "Model and Long-Short attention", TransformerConfig),
+    ("parallel", "Distributed layout", ParallelConfig),
+    ("training", "Training", TrainingConfig),
+    ("data", "Data and tokenizer", DataConfig),
+    ("checkpoint", "Checkpointing", CheckpointConfig),
+    ("logging", "Logging and evaluation", LoggingConfig),
+)
+
+
+def config_to_dict(config: Any) -> dict:
+    """Plain-dict view of a config dataclass (tuples become lists for JSON)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def transformer_config_from_dict(values: dict) -> TransformerConfig:
+    """Rebuild a TransformerConfig from ``config_to_dict`` output, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    if "full_attention_layers" in kwargs:
+        kwargs["full_attention_layers"] = tuple(kwargs["full_attention_layers"])
+    return TransformerConfig(**kwargs)
+
+
+def ls_attention_flops_per_token(config: TransformerConfig, layer_index: int) -> float:
+    """Forward matmul FLOPs per token of one attention core (scores + weighted sum), causal-averaged."""
+    n = config.seq_length
+    d = config.hidden_size
+    if config.layer_uses_full_attention(layer_index):
+        keys = (n + 1) / 2 if config.causal else n
+    else:
+        keys = config.window_size if config.causal else 2 * config.window_size
+        if config.projection_rank > 0:
+            chunks = math.ceil(n / config.segment_length) if config.causal else 1
+            keys += config.projection_rank * ((chunks - 1) / 2 if config.causal else 1)
+    return 4.0 * keys * d

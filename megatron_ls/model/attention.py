@@ -1,0 +1,99 @@
+"""Self-attention modules: Long-Short attention (Transformer-LS) and full attention (MASFormer layers).
+
+Both are tensor-parallel in Megatron's way: one column-parallel projection produces, for each local head, its
+query, key, value and (LS only) ``r`` dynamic-projection logits; the per-head DualLN parameters live with their
+heads; the output projection is row-parallel. So the LS parts add no communication to Megatron's layer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_ls.config import TransformerConfig
+from megatron_ls.model.norms import HeadwiseLayerNorm
+from megatron_ls.ops import full_attention, long_short_attention
+from megatron_ls.parallel import state as ps
+from megatron_ls.parallel.init import init_method_normal, scaled_init_method_normal
+from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_ls.parallel.random import get_rng_tracker
+from megatron_ls.parallel.utils import divide
+
+
+def _model_parallel_rng():
+    """Dropout on sharded heads must differ across TP ranks: draw it from the model-parallel stream."""
+    tracker = get_rng_tracker()
+    if ps.get_tensor_model_parallel_world_size() > 1 and "model-parallel-rng" in tracker.get_states():
+        return tracker.fork("model-parallel-rng")
+    return contextlib.nullcontext()
+
+
+class SelfAttention(nn.Module):
+    """Causal or bidirectional self-attention whose kind (LS or full) is fixed per layer.
+
+    ``x: (B, N, hidden) -> (B, N, hidden)``. ``key_padding_mask: (B, N)`` bool, True = padding.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_index: int, full: Optional[bool] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.full = config.layer_uses_full_attention(layer_index) if full is None else full
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.num_heads = divide(config.num_attention_heads, tp)
+        self.head_dim = config.head_dim
+        self.rank = 0 if self.full else config.projection_rank
+        self.window = 0 if self.full else config.window_size
+        # Per head: [q (D) | k (D) | v (D) | projection logits (r)], heads contiguous so a TP shard is whole heads.
+        self.per_head = 3 * self.head_dim + self.rank
+        self.qkvp = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * self.per_head,
+                                         bias=True, gather_output=False,
+                                         init_method=init_method_normal(config.init_method_std))
+        self.dense = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                       bias=True, input_is_parallel=True,
+                                       init_method=scaled_init_method_normal(config.init_method_std,
+                                                                             config.num_layers))
+        self.local_norm: Optional[HeadwiseLayerNorm] = None
+        self.global_norm: Optional[HeadwiseLayerNorm] = None
+        if not self.full and config.dual_ln:
+            eps = config.layernorm_epsilon
+            if self.window > 0:
+                self.local_norm = HeadwiseLayerNorm(self.num_heads, self.head_dim, eps)
+            if self.rank > 0:
+                self.global_norm = HeadwiseLayerNorm(self.num_heads, self.head_dim, eps)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        mixed = self.qkvp(x).view(b, n, self.num_heads, self.per_head).transpose(1, 2)  # (B, H, N, 3D + r)
+        d = self.head_dim
+        q, k, v = mixed[..., :d], mixed[..., d:2 * d], mixed[..., 2 * d:3 * d]
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        with _model_parallel_rng():
+            if self.full:
+                ctx = full_attention(q, k, v, causal=self.config.causal, key_padding_mask=key_padding_mask,
+                                     dropout_p=dropout_p)
+            else:
+                proj_logits = mixed[..., 3 * d:] if self.rank > 0 else None
+                ctx = long_short_attention(
+                    q, k, v, proj_logits, window=self.window, causal=self.config.causal,
+                    segment_len=self.config.segment_length if self.rank > 0 else None,
+                    key_padding_mask=key_padding_mask, local_norm=self.local_norm, global_norm=self.global_norm,
+                    dropout_p=dropout_p, backend=self.config.attention_backend)
+        ctx = ctx.transpose(1, 2).reshape(b, n, self.num_heads * d)
+        return self.dense(ctx)
+
+
+class LongShortAttention(SelfAttention):
+    """Transformer-LS attention: sliding window + dynamic low-rank projection, DualLN (unless ``dual_ln=False``)."""
+
+    def __init__(self, config: TransformerConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index, full=False)
+
+
+class FullAttention(SelfAttention):
+    """Ordinary softmax attention over all (visible) keys: MASFormer's few full layers, and baselines."""
+
+    def __init__(self, config: TransformerConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index, full=True)

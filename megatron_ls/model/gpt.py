@@ -1,0 +1,86 @@
+"""GPT-LS: embeddings, N pre-LN Long-Short (or full, per layer) transformer layers, final LN, tied LM head."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from megatron_ls.config import TransformerConfig
+from megatron_ls.model.init_rng import EMBEDDING_SALT, seeded_init
+from megatron_ls.model.transformer import TransformerLayer
+from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ls.parallel.init import init_method_normal
+from megatron_ls.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
+
+
+class GPTEmbedding(nn.Module):
+    """Token (vocab-parallel) + learned absolute position embeddings; also owns the tied LM head."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        with seeded_init(config.seed, EMBEDDING_SALT):
+            self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                          init_method=init_method_normal(config.init_method_std))
+            self.position_embeddings: Optional[nn.Embedding] = None
+            if config.position_embedding_type == "learned":
+                self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                nn.init.normal_(self.position_embeddings.weight, std=config.init_method_std)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            n = tokens.shape[1]
+            if n > self.position_embeddings.num_embeddings:
+                raise ValueError(f"sequence length {n} exceeds --max-position-embeddings "
+                                 f"{self.position_embeddings.num_embeddings}")
+            positions = torch.arange(n, device=tokens.device)
+            h = h + self.position_embeddings(positions).unsqueeze(0)
+        return self.dropout(h)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits with the tied input embedding as output matrix."""
+        return parallel_lm_logits(hidden, self.word_embeddings.weight)
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token cross entropy over unmasked positions (vocab-parallel logits are fine)."""
+    losses = vocab_parallel_cross_entropy(logits.float(), labels)
+    if loss_mask is None:
+        return losses.mean()
+    loss_mask = loss_mask.to(losses.dtype)
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+class GPTModel(nn.Module):
+    """Autoregressive GPT-LS language model.
+
+    ``model(tokens) -> logits (B, N, vocab / tp)``; ``model(tokens, labels)`` -> per-token losses ``(B, N)``.
+    With no parallel state initialised it is an ordinary single-process module.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        if not config.causal:
+            raise ValueError("GPTModel is autoregressive: config.causal must be True")
+        config.validate()
+        self.config = config
+        self.embedding = GPTEmbedding(config)
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.embedding(tokens)
+        for layer in self.layers:
+            if self.config.recompute_activations and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+            else:
+                h = layer(h)
+        logits = self.embedding.lm_logits(self.final_layernorm(h))
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits.float(), labels)
