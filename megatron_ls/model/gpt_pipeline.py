@@ -1,0 +1,56 @@
+"""GPT-LS as a DeepSpeed ``PipelineModule``: the same layers as ``GPTModel``, cut into stages.
+
+Stage contents: [embedding (tied)] + transformer layers + [final LN, LM head (tied to the embedding)]. Layers are
+balanced by counting ``TransformerLayer``s. Every layer seeds its own initialisation (``init_rng``), so a stage that
+builds only its own layers gets exactly the weights a single-process ``GPTModel`` has.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_ls.config import TransformerConfig
+from megatron_ls.model.gpt import GPTEmbedding, language_model_loss
+from megatron_ls.model.transformer import TransformerLayer
+
+
+class FinalLayerNorm(nn.LayerNorm):
+    """The last LayerNorm before the LM head, as its own pipeline layer."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+def _lm_head_forward(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    return embedding.lm_logits(hidden)
+
+
+def pipeline_loss(logits: torch.Tensor, labels_and_mask: tuple) -> torch.Tensor:
+    """Last-stage loss: mean cross entropy over unmasked tokens of the micro-batch."""
+    labels, loss_mask = labels_and_mask
+    return language_model_loss(logits, labels, loss_mask)
+
+
+def build_gpt_pipeline(config: TransformerConfig, activation_checkpoint_interval: int | None = None) -> nn.Module:
+    """A ``deepspeed.pipe.PipelineModule`` over the current TP/PP/DP layout (parallel state must be initialised)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from megatron_ls.parallel import state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    tp = ps.get_tensor_model_parallel_world_size()
+    dp = ps.get_data_parallel_world_size()
+    if config.num_layers % pp:
+        raise ValueError(f"--num-layers {config.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    specs = [TiedLayerSpec("embed", GPTEmbedding, config, tied_weight_attr="word_embeddings.weight")]
+    specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
+    specs += [LayerSpec(FinalLayerNorm, config),
+              TiedLayerSpec("embed", GPTEmbedding, config, forward_fn=_lm_head_forward,
+                            tied_weight_attr="word_embeddings.weight")]
+    interval = activation_checkpoint_interval
+    if interval is None:
+        interval = 1 if config.recompute_activations else 0
+    return PipelineModule(layers=specs, loss_fn=pipeline_loss,
+                          topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
+                          partition_method="type:TransformerLayer", activation_checkpoint_interval=interval)

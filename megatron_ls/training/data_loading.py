@@ -1,0 +1,52 @@
+"""From datasets to per-rank micro-batch iterators (resumable by consumed samples)."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_ls.data.gpt_dataset import PretrainingSampler
+
+
+def collate_tokens(samples: Sequence[dict]) -> dict:
+    """Stack ``{"tokens": int64[s+1], "loss_mask"?: float[s]}`` samples into model inputs and labels."""
+    tokens = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))
+    batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+    if "loss_mask" in samples[0]:
+        batch["loss_mask"] = torch.from_numpy(np.stack([np.asarray(s["loss_mask"], dtype=np.float32)
+                                                        for s in samples]))
+    else:
+        batch["loss_mask"] = torch.ones_like(batch["labels"], dtype=torch.float32)
+    return batch
+
+
+class _IndexedView(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index]
+
+
+def build_data_iterator(dataset: Any, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                        data_parallel_size: int, num_workers: int = 0) -> Optional[Iterator[dict]]:
+    """An endless-enough iterator of this rank's micro-batches, starting after ``consumed_samples``.
+
+    The sampler hands each data-parallel rank its slice of every global batch, so a restart with the saved
+    ``consumed_samples`` continues with exactly the batch the uninterrupted run would have used.
+    """
+    if dataset is None or len(dataset) == 0:
+        return None
+    sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
+                                 micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
+                                 data_parallel_size=data_parallel_size)
+    # A private generator: creating a loader iterator draws a seed, and drawing it from the global RNG would shift
+    # every dropout mask after a resume (the resumed run creates its iterator at a different point).
+    loader = torch.utils.data.DataLoader(_IndexedView(dataset), batch_sampler=sampler, num_workers=num_workers,
+                                         collate_fn=collate_tokens, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=num_workers > 0, generator=torch.Generator())
+    return iter(loader)

@@ -1,0 +1,199 @@
+"""The pretraining driver: DeepSpeed engine, train/eval loop, checkpoints, logging."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_ls.arguments import Arguments, build_deepspeed_config
+from megatron_ls.config import TransformerConfig, config_to_dict
+from megatron_ls.training import checkpointing
+from megatron_ls.training.data_loading import build_data_iterator
+from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
+from megatron_ls.training.lr_schedule import OptimizerParamScheduler
+from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, format_iteration_line,
+                                          memory_stats_mb, model_flops_per_token)
+from megatron_ls.training.optimizer import build_optimizer
+from megatron_ls.training.steps import Steps, build_steps
+
+ModelProvider = Callable[[TransformerConfig, bool], nn.Module]
+DatasetsProvider = Callable[[Arguments, tuple], tuple]
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _args_dict(args: Arguments) -> dict:
+    return {name: config_to_dict(getattr(args, name))
+            for name in ("model", "parallel", "training", "data", "checkpoint", "logging")}
+
+
+def _num_samples(args: Arguments) -> tuple[int, int, int]:
+    """Samples each split must provide (train for every iteration; valid for every evaluation; one test pass)."""
+    t, lg = args.training, args.logging
+    gbs = t.global_batch_size
+    evals = (t.train_iters // lg.eval_interval + 1) if lg.eval_interval else 1
+    return t.train_iters * gbs, evals * lg.eval_iters * gbs, lg.eval_iters * gbs
+
+
+def pretrain(args: Arguments, model_provider: ModelProvider,
+             datasets_provider: DatasetsProvider, *, byte_level: Optional[bool] = None) -> dict:
+    """Train as the flags say; returns a summary dict (final losses) on every rank.
+
+    ``model_provider(config, pipeline)`` builds the model (a ``PipelineModule`` when ``pipeline`` is True).
+    ``datasets_provider(args, num_samples)`` returns ``(train, valid, test, byte_level)``; it may also set
+    ``args.model.vocab_size`` from its tokenizer before the model is built.
+    """
+    p, t, lg, ck = args.parallel, args.training, args.logging, args.checkpoint
+    initialize_megatron_ls(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                           backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
+                           seed=args.model.seed)
+    import deepspeed
+
+    from megatron_ls.parallel import state as ps
+
+    world = dist.get_world_size()
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    t.resolve_global_batch_size(dp_size)
+    ds_config = build_deepspeed_config(args, dp_size)
+    grad_accum = ds_config["gradient_accumulation_steps"]
+
+    train_ds, valid_ds, test_ds, data_byte_level = datasets_provider(args, _num_samples(args))
+    byte_level = data_byte_level if byte_level is None else byte_level
+    pipeline = p.pipeline_model_parallel_size > 1
+    model = model_provider(args.model, pipeline)
+    optimizer = build_optimizer(model, t)
+    scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
+                                        decay_iters=t.lr_decay_iters or t.train_iters, decay_style=t.lr_decay_style)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=None if pipeline else ps,
+                                           dist_init_required=False)
+    checkpointing.install_safe_checkpoint_engine(engine)
+    steps: Steps = build_steps(engine, pipeline, grad_accum, t.bf16, t.fp16)
+
+    iteration, consumed = 0, 0
+    if ck.load:
+        from megatron_ls.parallel.random import set_rng_state_dict
+
+        loaded, rng_state = checkpointing.load_checkpoint(engine, ck.load, load_optimizer=not ck.no_load_optim,
+                                                          load_rng=not ck.no_load_rng, finetune=ck.finetune)
+        iteration, consumed = loaded.iteration, loaded.consumed_samples
+        if rng_state is not None:
+            set_rng_state_dict(rng_state)
+        print_rank_0(f" loaded checkpoint from {ck.load} at iteration {iteration}")
+
+    mb = t.micro_batch_size
+    train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers)
+    flops_per_token = model_flops_per_token(args.model)
+    tokens_per_iter = t.global_batch_size * args.model.seq_length
+    tb = TensorboardWriter(lg.tensorboard_dir, enabled=dist.get_rank() == world - 1)
+    summary: dict[str, Any] = {"train_losses": []}
+
+    def run_eval(prefix: str, dataset: Any, step: int, name: str) -> Optional[float]:
+        if dataset is None or lg.eval_iters <= 0:
+            return None
+        data_iter = build_data_iterator(dataset, 0, mb, dp_rank, dp_size)
+        loss = steps.evaluate(data_iter, lg.eval_iters)
+        print_rank_0("-" * 80 + "\n" + format_eval_line(f"{prefix} loss at iteration {step}", loss, byte_level)
+                     + "\n" + "-" * 80)
+        tb.scalars({f"lm loss {name}": loss, f"lm loss {name} ppl": math.exp(min(20.0, loss))}, step)
+        if byte_level:
+            tb.scalars({f"bits per byte {name}": loss / math.log(2)}, step)
+        return loss
+
+    def save(step: int) -> None:
+        from megatron_ls.parallel.random import get_rng_state_dict
+
+        path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args),
+                                             get_rng_state_dict(), {"layout": {
+                                                 "tensor_model_parallel_size": p.tensor_model_parallel_size,
+                                                 "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                                                 "data_parallel_size": dp_size}})
+        print_rank_0(f" saved checkpoint at iteration {step} to {path}")
+
+    print_rank_0(f" training: world size {world} (TP={p.tensor_model_parallel_size} "
+                 f"PP={p.pipeline_model_parallel_size} DP={dp_size}), global batch {t.global_batch_size}, "
+                 f"micro batch {mb}, gradient accumulation {grad_accum}, ZeRO-{p.zero_stage}")
+    interval_losses: list[float] = []
+    interval_start = time.perf_counter()
+    skipped_total = 0
+    exited_early = False
+    while iteration < t.train_iters:
+        lr = scheduler.current_lr  # the rate this step uses (the scheduler moves on inside the step)
+        loss, skipped = steps.train_step(train_iter)
+        iteration += 1
+        consumed += t.global_batch_size
+        skipped_total += int(skipped)
+        if not math.isfinite(loss) and not skipped:
+            raise FloatingPointError(f"loss is {loss} at iteration {iteration} (not a skipped fp16 step); "
+                                     f"lower --lr or use --bf16/--fp16 loss scaling")
+        interval_losses.append(loss)
+        summary["train_losses"].append(loss)
+        grad_norm = steps.grad_norm()
+        tb_values = {"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm, "loss-scale": steps.loss_scale(),
+                     "consumed-samples": consumed}
+        if iteration % lg.tensorboard_log_interval == 0:
+            tb.scalars(tb_values, iteration)
+        if iteration % lg.log_interval == 0 or iteration == t.train_iters:
+            elapsed = (time.perf_counter() - interval_start) / len(interval_losses)
+            tokens_per_sec = tokens_per_iter / elapsed / world
+            tflops = flops_per_token * tokens_per_iter / elapsed / world / 1e12
+            print_rank_0(format_iteration_line(
+                iteration=iteration, train_iters=t.train_iters, consumed_samples=consumed,
+                elapsed_ms=elapsed * 1000, tflops=tflops, tokens_per_sec=tokens_per_sec, lr=lr,
+                global_batch_size=t.global_batch_size, loss=sum(interval_losses) / len(interval_losses),
+                loss_scale=steps.loss_scale(), grad_norm=grad_norm, skipped=skipped_total))
+            tb.scalars({"throughput": tflops, "tokens-per-second-per-gpu": tokens_per_sec, **memory_stats_mb()},
+                       iteration)
+            interval_losses, interval_start = [], time.perf_counter()
+        if lg.eval_interval and iteration % lg.eval_interval == 0 and iteration < t.train_iters:
+            run_eval("validation", valid_ds, iteration, "validation")
+        if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
+            save(iteration)
+        if lg.exit_interval and iteration % lg.exit_interval == 0:
+            if ck.save and not (ck.save_interval and iteration % ck.save_interval == 0):
+                save(iteration)
+            print_rank_0(f" exiting program at iteration {iteration} (--exit-interval {lg.exit_interval})")
+            exited_early = True
+            break
+    if not exited_early:
+        if ck.save and not (ck.save_interval and iteration % ck.save_interval == 0):
+            save(iteration)
+        summary["validation_loss"] = run_eval("validation", valid_ds, iteration, "validation")
+        summary["test_loss"] = run_eval("test", test_ds, iteration, "test")
+        if byte_level and summary["validation_loss"] is not None:
+            summary["validation_bits_per_byte"] = summary["validation_loss"] / math.log(2)
+    summary.update(iteration=iteration, consumed_samples=consumed, skipped_iterations=skipped_total)
+    if lg.tensorboard_dir:
+        print_rank_0(f" tensorboard logs: {os.path.abspath(lg.tensorboard_dir)}")
+    tb.close()
+    return summary
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run an entry point: clean shutdown always, clear one-line errors and a non-zero exit code on failure."""
+    from megatron_ls.config import ConfigError
+    from megatron_ls.training.checkpointing import CheckpointError
+
+    code = 0
+    try:
+        main()
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        try:
+            shutdown() if code == 0 else None
+        except Exception as exc:  # noqa: BLE001 - shutdown must not hide the real outcome
+            print(f"warning: shutdown failed: {exc}", file=sys.stderr)
+    if code:
+        # A failed rank must not wait on a barrier its peers may never reach.
+        os._exit(code)

@@ -1,0 +1,149 @@
+"""One optimizer step / one evaluation over a global batch, for the plain and the pipeline DeepSpeed engines."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ls.model.gpt import language_model_loss
+
+
+def _data_parallel_mean(value: torch.Tensor) -> float:
+    """Mean of a scalar over the data-parallel group (the logged loss is the global-batch mean)."""
+    from megatron_ls.parallel import state as ps
+
+    value = value.detach().float().reshape(1).clone()
+    group = ps.get_data_parallel_group()
+    size = ps.get_data_parallel_world_size()
+    if dist.is_initialized() and size > 1:
+        dist.all_reduce(value, group=group)
+        value /= size
+    return float(value.item())
+
+
+def unclipped_grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients: TP shards summed over the TP group, stages over the PP group."""
+    from megatron_ls.parallel import state as ps
+
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for param in module.parameters():
+        if param.grad is None:
+            continue
+        sq = param.grad.detach().double().pow(2).sum().cpu()
+        if getattr(param, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if dist.is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded, group=ps.get_tensor_model_parallel_group())
+    total = sharded + replicated
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return float(total.sqrt())
+
+
+class Steps:
+    """Train/eval steps on a non-pipeline engine: ``grad_accum`` micro-batches per optimizer step."""
+
+    def __init__(self, engine: Any, grad_accum: int) -> None:
+        self.engine = engine
+        self.grad_accum = grad_accum
+        self.device = engine.device
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
+        losses = self.engine(tokens, labels)
+        return (losses.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+    def train_step(self, data_iter: Iterator[dict]) -> tuple[float, bool]:
+        """Returns (global-batch mean loss, whether the optimizer step was skipped by the loss scaler)."""
+        self.engine.train()
+        skipped_before = self.engine.skipped_steps
+        total = torch.zeros((), device=self.device)
+        self._norm = None
+        for micro in range(self.grad_accum):
+            loss = self._loss(next(data_iter))
+            self.engine.backward(loss)
+            if micro == self.grad_accum - 1 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
+                # Plain fp32 ZeRO-0 steps our torch optimizer directly and does not record the norm.
+                self._norm = unclipped_grad_norm(self.engine.module)
+            self.engine.step()
+            total += loss.detach().float()
+        skipped = self.engine.skipped_steps > skipped_before
+        return _data_parallel_mean(total / self.grad_accum), skipped
+
+    @torch.no_grad()
+    def evaluate(self, data_iter: Optional[Iterator[dict]], eval_iters: int) -> float:
+        self.engine.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for _ in range(eval_iters):
+            for _ in range(self.grad_accum):
+                try:
+                    batch = next(data_iter)
+                except StopIteration:
+                    break
+                total += self._loss(batch).float()
+                count += 1
+        self.engine.train()
+        return _data_parallel_mean(total / max(count, 1))
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_norm", None)
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def loss_scale(self) -> float:
+        optimizer = self.engine.optimizer
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(optimizer, attr, None)
+            if isinstance(value, (int, float)) or torch.is_tensor(value):
+                return float(value)
+        return 1.0
+
+
+class PipelineSteps(Steps):
+    """Steps on DeepSpeed's ``PipelineEngine`` (1F1B over the micro-batches of one global batch)."""
+
+    def __init__(self, engine: Any, grad_accum: int, cast_dtype: Optional[torch.dtype]) -> None:
+        super().__init__(engine, grad_accum)
+        self.cast_dtype = cast_dtype
+
+    def _pipe_iter(self, data_iter: Iterator[dict]) -> Iterator[tuple]:
+        # The pipeline engine feeds (inputs, labels); labels carry the loss mask along to the last stage.
+        for batch in data_iter:
+            yield batch["tokens"], (batch["labels"], batch["loss_mask"])
+
+    def train_step(self, data_iter: Iterator[dict]) -> tuple[float, bool]:
+        skipped_before = self.engine.skipped_steps
+        loss = self.engine.train_batch(data_iter=self._pipe_iter(data_iter))
+        return float(loss.item()), self.engine.skipped_steps > skipped_before
+
+    @torch.no_grad()
+    def evaluate(self, data_iter: Optional[Iterator[dict]], eval_iters: int) -> float:
+        total = 0.0
+        pipe_iter = self._pipe_iter(data_iter)
+        for _ in range(eval_iters):
+            loss = self.engine.eval_batch(data_iter=pipe_iter)
+            total += float(loss.item())
+        self.engine.train()
+        return total / max(eval_iters, 1)
+
+
+def pipeline_loss(logits: torch.Tensor, labels_and_mask: tuple) -> torch.Tensor:
+    """Loss function for the last pipeline stage."""
+    labels, loss_mask = labels_and_mask
+    return language_model_loss(logits, labels, loss_mask)
+
+
+def build_steps(engine: Any, pipeline: bool, grad_accum: int, bf16: bool, fp16: bool) -> Steps:
+    if pipeline:
+        dtype = torch.bfloat16 if bf16 else (torch.float16 if fp16 else None)
+        return PipelineSteps(engine, grad_accum, dtype)
+    return Steps(engine, grad_accum)

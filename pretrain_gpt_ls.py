@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Pretrain a GPT-LS language model (Transformer-LS attention, optional MASFormer full layers).
+
+Runs as plain ``python pretrain_gpt_ls.py ...`` (one process), under ``torchrun`` or under ``deepspeed``.
+"""
+from __future__ import annotations
+
+import sys
+
+from megatron_ls.arguments import Arguments, parse_args
+from megatron_ls.config import TransformerConfig
+from megatron_ls.training.initialize import select_accelerator
+
+
+def model_provider(config: TransformerConfig, pipeline: bool):
+    """GPT-LS as a plain module, or as a DeepSpeed PipelineModule when pipeline parallelism is on."""
+    if pipeline:
+        from megatron_ls.model.gpt_pipeline import build_gpt_pipeline
+
+        return build_gpt_pipeline(config)
+    from megatron_ls.model import GPTModel
+
+    return GPTModel(config)
+
+
+def datasets_provider(args: Arguments, num_samples: tuple):
+    """Tokenizer (sets the padded vocab size) and the train/valid/test GPT datasets."""
+    import torch.distributed as dist
+
+    from megatron_ls.data.gpt_dataset import build_gpt_datasets
+    from megatron_ls.data.tokenizers import build_tokenizer
+
+    d = args.data
+    tokenizer = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
+                                merge_file=d.merge_file, vocab_size=d.null_vocab_size,
+                                make_vocab_size_divisible_by=d.make_vocab_size_divisible_by,
+                                tensor_model_parallel_size=args.parallel.tensor_model_parallel_size)
+    args.model.vocab_size = tokenizer.padded_vocab_size
+    train, valid, test = build_gpt_datasets(d.data_path, d.split, args.model.seq_length, num_samples,
+                                            seed=args.model.seed, cache_dir=d.data_cache_path,
+                                            is_builder=dist.get_rank() == 0, barrier=dist.barrier)
+    return train, valid, test, tokenizer.is_byte_level
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv, description="Pretrain a GPT-LS (Long-Short Transformer) language model.")
+    from megatron_ls.training.pretrain import pretrain
+
+    pretrain(args, model_provider, datasets_provider)
+
+
+if __name__ == "__main__":
+    select_accelerator()
+    from megatron_ls.training.pretrain import run_main
+
+    run_main(lambda: main(sys.argv[1:]))
