@@ -25,6 +25,12 @@ def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_p
     from megatron_ls.parallel.random import model_parallel_manual_seed
 
     ps.initialize_distributed(backend=backend, timeout_s=timeout_minutes * 60)
+    import deepspeed
+    import torch.distributed as dist
+
+    # DeepSpeed keeps its own communication handle; let it adopt the process group we just made.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                               dist_init_required=False)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size,
                                      context_parallel_size)

@@ -28,8 +28,12 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
 
     sharded = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
+    skip = set()
+    if ps.get_pipeline_model_parallel_rank() > 0:
+        # A tied embedding lives on the first and the last stage: count it once.
+        skip = {id(p) for p in getattr(module, "tied_modules", torch.nn.ModuleDict()).parameters()}
     for param in module.parameters():
-        if param.grad is None:
+        if param.grad is None or id(param) in skip:
             continue
         sq = param.grad.detach().double().pow(2).sum().cpu()
         if getattr(param, "tensor_model_parallel", False):
@@ -44,6 +48,32 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
     return float(total.sqrt())
 
 
+class _GradNormRecorder:
+    """Records the pre-clipping gradient norm when DeepSpeed steps our torch optimizer directly (fp32, ZeRO-0).
+
+    DeepSpeed's own optimizer wrappers (ZeRO, bf16, fp16) record it themselves; the plain path does not.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.value: Optional[float] = None
+        self._fresh = False
+        if hasattr(engine.optimizer, "_global_grad_norm") or not hasattr(engine.optimizer, "register_step_pre_hook"):
+            return
+        module, clip = engine.module, engine.clip_fp32_gradients
+
+        def clip_and_record() -> None:
+            self.value, self._fresh = unclipped_grad_norm(module), True
+            clip()
+
+        def before_step(*_: Any) -> None:
+            if not self._fresh:  # no clipping configured: measure here
+                self.value = unclipped_grad_norm(module)
+            self._fresh = False
+
+        engine.clip_fp32_gradients = clip_and_record
+        engine.optimizer.register_step_pre_hook(before_step)
+
+
 class Steps:
     """Train/eval steps on a non-pipeline engine: ``grad_accum`` micro-batches per optimizer step."""
 
@@ -51,6 +81,7 @@ class Steps:
         self.engine = engine
         self.grad_accum = grad_accum
         self.device = engine.device
+        self._norm_recorder = _GradNormRecorder(engine)
 
     def _loss(self, batch: dict) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device, non_blocking=True)
@@ -64,13 +95,9 @@ class Steps:
         self.engine.train()
         skipped_before = self.engine.skipped_steps
         total = torch.zeros((), device=self.device)
-        self._norm = None
-        for micro in range(self.grad_accum):
+        for _ in range(self.grad_accum):
             loss = self._loss(next(data_iter))
             self.engine.backward(loss)
-            if micro == self.grad_accum - 1 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
-                # Plain fp32 ZeRO-0 steps our torch optimizer directly and does not record the norm.
-                self._norm = unclipped_grad_norm(self.engine.module)
             self.engine.step()
             total += loss.detach().float()
         skipped = self.engine.skipped_steps > skipped_before
@@ -94,7 +121,7 @@ class Steps:
     def grad_norm(self) -> Optional[float]:
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            norm = getattr(self, "_norm", None)
+            norm = self._norm_recorder.value
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
