@@ -1,0 +1,95 @@
+"""FlexAttention backend (``backend="flex"``): one flex_attention call over keys ``[window keys ; global keys]``.
+
+The visibility rule of long-short attention is written once as a ``mask_mod`` over (query, key) indices; the
+key axis is the concatenation of the N local (window) keys and the G projected keys. On CUDA the call is
+``torch.compile``d and the block mask skips every key block no query of a query block can see, so cost follows
+the sparsity. On CPU torch runs FlexAttention's unfused reference path (it materialises the scores, and has no
+backward), which is only meant for testing the mask against the torch backend.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+try:  # FlexAttention is in torch >= 2.5; keep the package importable without it
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - torch is pinned to a version that has it
+    create_block_mask = flex_attention = None
+
+
+def flex_available() -> bool:
+    """True when this torch build ships FlexAttention."""
+    return flex_attention is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    # compiled once per process; dynamic=False keeps one specialised kernel per shape (shapes repeat in training)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def make_mask_mod(n: int, *, causal: bool, window: int, n_local: int, segment_len: int, rank: int,
+                  pad: Optional[torch.Tensor], chunk_valid: Optional[torch.Tensor]):
+    """The long-short visibility rule as a FlexAttention mask_mod over keys [local (n_local) ; global]."""
+    e = (window + 1) // 2
+    n_chunks = 0 if chunk_valid is None else chunk_valid.shape[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        is_local = kv_idx < n_local
+        if window > 0:
+            if causal:
+                local = (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+            else:
+                start = (q_idx // window) * window - e
+                local = (kv_idx >= start) & (kv_idx < start + window + 2 * e)
+            if pad is not None:
+                local = local & ~pad[b, kv_idx.clamp(max=n - 1)]
+        else:
+            local = kv_idx < 0  # all False, as a tensor
+        g = (kv_idx - n_local).clamp(min=0)
+        if causal:
+            glob = (g // max(rank, 1)) < (q_idx // max(segment_len, 1))
+            if chunk_valid is not None and n_chunks > 0:
+                glob = glob & chunk_valid[b, (g // max(rank, 1)).clamp(max=n_chunks - 1)]
+        else:
+            glob = kv_idx >= n_local
+        keep = torch.where(is_local, local, glob)
+        if pad is not None:
+            keep = keep & ~pad[b, q_idx]
+        return keep
+
+    return mask_mod
+
+
+def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optional[torch.Tensor],
+                    k_glob: Optional[torch.Tensor], v_glob: Optional[torch.Tensor], *, causal: bool, window: int,
+                    segment_len: int, rank: int, pad: Optional[torch.Tensor],
+                    chunk_valid: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Long-short attention through one FlexAttention call; same arguments as the torch core.
+
+    Rows with no visible key come back as 0 (FlexAttention's convention for fully masked rows).
+    """
+    if not flex_available():
+        raise RuntimeError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    inputs = (q, k_loc, v_loc, k_glob, v_glob)
+    if not q.is_cuda and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise RuntimeError(f"backend='flex' has no backward on device {q.device}: run it under torch.no_grad() "
+                           "or use backend='torch' (backend='auto' picks torch off CUDA)")
+    b, _, n, _ = q.shape
+    keys = [t for t in (k_loc, k_glob) if t is not None]
+    vals = [t for t in (v_loc, v_glob) if t is not None]
+    key = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
+    val = vals[0] if len(vals) == 1 else torch.cat(vals, dim=2)
+    n_local = n if k_loc is not None else 0
+    mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
+                             rank=rank, pad=pad, chunk_valid=chunk_valid)
+    per_batch = pad is not None or chunk_valid is not None
+    on_cuda = q.is_cuda
+    block_mask = create_block_mask(mask_mod, b if per_batch else None, None, n, key.shape[2],
+                                   device=q.device, _compile=on_cuda)
+    fn = _compiled_flex() if on_cuda else flex_attention
+    if not on_cuda:  # flex refuses CPU inputs that require grad even under no_grad; we checked grad is off
+        q, key, val = q.detach(), key.detach(), val.detach()
+    return fn(q, key.contiguous(), val.contiguous(), block_mask=block_mask, scale=scale)

@@ -1,0 +1,121 @@
+"""``long_short_attention``: the functional Transformer-LS attention (window keys + dynamic projection keys).
+
+This module validates arguments, applies the norms and the projection (plain autograd, O(N·D)), and hands the
+core -- one softmax per query over [window keys ; visible global keys] -- to a backend:
+``blockwise.LongShortCore`` (torch, any device, flash-style backward) or ``flex.flex_long_short``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from . import checks
+from .blockwise import LongShortCore, attention_with_dropout, make_plan
+from .flex import flex_available, flex_long_short
+from .projection import num_causal_chunks, project_bidirectional, project_causal
+
+Norm = Optional[Callable[[torch.Tensor], torch.Tensor]]
+_FLEX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def select_backend(backend: str, q: torch.Tensor, dropout_p: float) -> str:
+    """Resolve ``backend="auto"``: flex on CUDA (no dropout, fp32/fp16/bf16, power-of-two D >= 16), else torch."""
+    if backend != "auto":
+        return backend
+    d = q.shape[-1]
+    if (q.is_cuda and flex_available() and dropout_p == 0.0 and q.dtype in _FLEX_DTYPES
+            and d >= 16 and d & (d - 1) == 0):
+        return "flex"
+    return "torch"
+
+
+def _apply_norm(name: str, norm: Norm, x: torch.Tensor) -> torch.Tensor:
+    if norm is None:
+        return x
+    y = norm(x)
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        raise ValueError(f"{name} must map a tensor of shape {tuple(x.shape)} to the same shape, got "
+                         f"{getattr(y, 'shape', type(y).__name__)}")
+    return y.to(x.dtype)
+
+
+def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_logits: Optional[torch.Tensor],
+                         *, window: int, causal: bool, segment_len: Optional[int] = None,
+                         key_padding_mask: Optional[torch.Tensor] = None, local_norm: Norm = None,
+                         global_norm: Norm = None, dropout_p: float = 0.0, scale: Optional[float] = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """Long-short attention of Transformer-LS; returns (B, H, N, D) in q's dtype.
+
+    q, k, v: (B, H, N, D). proj_logits: (B, H, N, r) or None. Local keys/values are ``local_norm(k/v)`` inside
+    the window (bidirectional: segments of ``window`` plus ceil(w/2) on each side; causal: the last ``window``
+    tokens). Global keys/values are ``global_norm(Pᵀk / Pᵀv)`` with P = softmax(proj_logits) over the unpadded
+    sequence (bidirectional) or inside each chunk of ``segment_len`` (causal: query t sees chunks < t // l).
+    ``key_padding_mask`` (B, N) bool, True = padding; padded query rows and rows with no visible key are 0.
+    ``segment_len`` is only used in causal mode. See docs/attention.md for the full contract.
+    """
+    checks.check_qkv(q, k, v)
+    rank = checks.check_proj_logits(proj_logits, q)
+    window = checks.check_int("window", window, 0)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    pad = checks.check_padding_mask(key_padding_mask, q)
+    dropout_p = checks.check_dropout(dropout_p)
+    scale = checks.resolve_scale(scale, q.shape[-1])
+    backend = checks.check_backend(backend)
+    checks.check_norm("local_norm", local_norm)
+    checks.check_norm("global_norm", global_norm)
+    use_global = rank > 0
+    if window == 0 and not use_global:
+        raise ValueError("long_short_attention needs a window or a projection: got window=0 and "
+                         f"proj_logits={'None' if proj_logits is None else 'with r=0'}")
+    seg = 0
+    if causal and use_global:
+        if segment_len is None:
+            raise ValueError(f"segment_len is required in causal mode with a projection (r={rank}), got None")
+        seg = checks.check_int("segment_len", segment_len, 1)
+        if window > 0 and window < seg:
+            raise ValueError(f"causal long-short attention needs window >= segment_len (the window must cover "
+                             f"the query's own chunk), got window={window} < segment_len={seg}")
+
+    b, h, n, d = q.shape
+    k_loc = v_loc = k_glob = v_glob = chunk_valid = None
+    if window > 0:
+        k_loc = _apply_norm("local_norm", local_norm, k)
+        v_loc = _apply_norm("local_norm", local_norm, v)
+    if use_global:
+        if causal:
+            if num_causal_chunks(n, seg) > 0:
+                k_glob, v_glob, chunk_valid = project_causal(k, v, proj_logits, pad, seg)
+        else:
+            k_glob, v_glob = project_bidirectional(k, v, proj_logits, pad)
+        if k_glob is not None:
+            k_glob = _apply_norm("global_norm", global_norm, k_glob)
+            v_glob = _apply_norm("global_norm", global_norm, v_glob)
+    n_global = 0 if k_glob is None else k_glob.shape[2]
+
+    chosen = select_backend(backend, q, dropout_p)
+    if window == 0 and n_global == 0:
+        # causal projection-only with N <= segment_len: no query sees any key; keep the graph connected
+        out = q * 0
+    elif chosen == "flex":
+        if dropout_p > 0:
+            raise ValueError(f"backend='flex' does not support dropout_p > 0 (got {dropout_p}); "
+                             "use backend='torch' or 'auto'")
+        with warnings.catch_warnings():
+            # CPU flex runs the unfused reference path on purpose (tests); its advice to compile is noise here
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = flex_long_short(q, k_loc, v_loc, k_glob, v_glob, causal=causal, window=window,
+                                  segment_len=seg, rank=rank, pad=pad, chunk_valid=chunk_valid, scale=scale)
+    else:
+        plan = make_plan(b, h, n, d, causal=causal, window=window, segment_len=seg, rank=rank,
+                         n_global=n_global, scale=scale, dtype=q.dtype, device=q.device, pad=pad,
+                         chunk_valid=chunk_valid)
+        if dropout_p > 0:
+            out = attention_with_dropout(plan, q, k_loc, v_loc, k_glob, v_glob, dropout_p)
+        else:
+            out = LongShortCore.apply(plan, q, k_loc, v_loc, k_glob, v_glob)
+    if pad is not None:
+        out = out.masked_fill(pad[:, None, :, None], 0.0)
+    return out

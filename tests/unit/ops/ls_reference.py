@@ -1,0 +1,155 @@
+"""Dense O(N²) reference for long-short attention, written straight from the definition (tests only).
+
+It builds an explicit boolean visibility matrix over [all N local keys ; all projected keys] with plain Python
+loops over positions and chunks, then runs one masked softmax in float64. Nothing here is shared with the
+implementation under test.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def _safe_masked_softmax_apply(scores, visible, values):
+    """softmax over visible entries of each row, times values; rows without any visible entry give 0."""
+    s = scores.masked_fill(~visible, 0.0)
+    mx = scores.masked_fill(~visible, float("-inf")).amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).detach()
+    e = torch.exp(s - mx) * visible
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    return p @ values
+
+
+def _projection_weights(logits, keep):
+    """softmax of logits (L, r) over L restricted to keep (L,); all-masked -> zeros."""
+    if not bool(keep.any()):
+        return torch.zeros_like(logits)
+    sub = torch.softmax(logits[keep], dim=0)
+    out = torch.zeros_like(logits)
+    out[keep] = sub
+    return out
+
+
+def local_visibility(n: int, window: int, causal: bool) -> torch.Tensor:
+    """(N, N) bool: query i may see local key j (no padding)."""
+    vis = torch.zeros(n, n, dtype=torch.bool)
+    if window == 0:
+        return vis
+    e = math.ceil(window / 2)
+    for i in range(n):
+        if causal:
+            lo, hi = i - window + 1, i + 1
+        else:
+            s = i // window
+            lo, hi = s * window - e, (s + 1) * window + e
+        vis[i, max(lo, 0):min(hi, n)] = True
+    return vis
+
+
+def dense_long_short(q, k, v, proj_logits, *, window: int, causal: bool, segment_len: Optional[int] = None,
+                     key_padding_mask=None, local_norm=None, global_norm=None, scale=None):
+    """Reference long-short attention, computed in float64 and returned in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    pad = torch.zeros(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.cpu()
+    kl = local_norm(k) if local_norm is not None else k
+    vl = local_norm(v) if local_norm is not None else v
+    out = torch.zeros_like(q)
+    base_vis = local_visibility(n, window, causal)
+    rows = []
+    for bi in range(b):
+        heads = []
+        for hi in range(h):
+            keys, vals, vis_cols = [kl[bi, hi]], [vl[bi, hi]], [base_vis & ~pad[bi][None, :]]
+            if proj_logits is not None and proj_logits.shape[-1] > 0:
+                lg = proj_logits[bi, hi].double()
+                r = lg.shape[-1]
+                if not causal:
+                    p = _projection_weights(lg, ~pad[bi])
+                    kb, vb = p.t() @ k[bi, hi], p.t() @ v[bi, hi]
+                    if global_norm is not None:
+                        kb, vb = global_norm(kb), global_norm(vb)
+                    keys.append(kb)
+                    vals.append(vb)
+                    vis_cols.append(torch.ones(n, r, dtype=torch.bool))
+                else:
+                    l = segment_len
+                    for c in range(math.ceil(n / l)):
+                        sl = slice(c * l, min((c + 1) * l, n))
+                        keep = ~pad[bi, sl]
+                        p = _projection_weights(lg[sl], keep)
+                        kb, vb = p.t() @ k[bi, hi, sl], p.t() @ v[bi, hi, sl]
+                        if global_norm is not None:
+                            kb, vb = global_norm(kb), global_norm(vb)
+                        keys.append(kb)
+                        vals.append(vb)
+                        col = torch.tensor([c < i // l for i in range(n)])[:, None] & bool(keep.any())
+                        vis_cols.append(col.expand(n, r))
+            kk, vv, vis = torch.cat(keys), torch.cat(vals), torch.cat(vis_cols, dim=1)
+            vis = vis & ~pad[bi][:, None]  # padded queries see nothing
+            heads.append(_safe_masked_softmax_apply(q[bi, hi] @ kk.t() * scale, vis, vv))
+        rows.append(torch.stack(heads))
+    out = torch.stack(rows)
+    return out
+
+
+def dense_full(q, k, v, *, causal: bool, key_padding_mask=None, scale=None):
+    """Reference full attention with the same padding semantics (padded query rows 0)."""
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    pad = torch.zeros(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    vis = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        vis = vis.tril()
+    vis = vis[None, None] & ~pad[:, None, None, :] & ~pad[:, None, :, None]
+    return _safe_masked_softmax_apply(q.double() @ k.double().transpose(-1, -2) * scale, vis, v.double())
+
+
+def dense_long_short_2d(q, k, v, proj_logits, *, grid, window: int, num_extra_tokens: int = 0,
+                        key_padding_mask=None, local_norm=None, global_norm=None, scale=None):
+    """Reference 2D long-short attention: extra tokens first, then gh×gw patches row-major."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, n, d = q.shape
+    gh, gw = grid
+    ne = num_extra_tokens
+    scale = d ** -0.5 if scale is None else scale
+    pad = torch.zeros(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    e = math.ceil(window / 2) if window else 0
+    vis_loc = torch.zeros(n, n, dtype=torch.bool)
+    vis_loc[:, :ne] = True  # extra tokens are visible to everyone
+    vis_loc[:ne, :] = True  # and see everything
+    for qi in range(gh * gw):
+        if window == 0:
+            break
+        y, x = divmod(qi, gw)
+        by, bx = y // window, x // window
+        for ki in range(gh * gw):
+            ky, kx = divmod(ki, gw)
+            if (by * window - e <= ky < (by + 1) * window + e) and (bx * window - e <= kx < (bx + 1) * window + e):
+                vis_loc[ne + qi, ne + ki] = True
+    kl = local_norm(k) if local_norm is not None else k
+    vl = local_norm(v) if local_norm is not None else v
+    rows = []
+    for bi in range(b):
+        heads = []
+        for hi in range(h):
+            keys, vals, cols = [kl[bi, hi]], [vl[bi, hi]], [vis_loc & ~pad[bi][None, :]]
+            if proj_logits is not None and proj_logits.shape[-1] > 0:
+                keep = ~pad[bi].clone()
+                keep[:ne] = False  # the projection runs over patches only
+                p = _projection_weights(proj_logits[bi, hi].double(), keep)
+                kb, vb = p.t() @ k[bi, hi], p.t() @ v[bi, hi]
+                if global_norm is not None:
+                    kb, vb = global_norm(kb), global_norm(vb)
+                keys.append(kb)
+                vals.append(vb)
+                cols.append(torch.ones(n, kb.shape[0], dtype=torch.bool) & bool(keep.any()))
+            kk, vv, vis = torch.cat(keys), torch.cat(vals), torch.cat(cols, dim=1)
+            vis = vis & ~pad[bi][:, None]
+            heads.append(_safe_masked_softmax_apply(q[bi, hi] @ kk.t() * scale, vis, vv))
+        rows.append(torch.stack(heads))
+    return torch.stack(rows)
