@@ -1,10 +1,14 @@
 """long_short_attention against the dense float64 reference: values and gradients, both backends."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 
 from megatron_ls.ops import blockwise, long_short_attention
-from ls_reference import dense_long_short
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dense reference lives beside us
+from ls_reference import dense_long_short  # noqa: E402
 
 # (N, window, segment_len, r): N not a multiple of w or l, N < w, N = 1, w = 1, r = 0, w = 0
 CAUSAL_CASES = [
