@@ -6,7 +6,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_ls.data.gpt_dataset import PretrainingSampler
+from megatron_ls.data.sampler import PretrainingSampler
 
 
 def collate_tokens(samples: Sequence[dict]) -> dict:

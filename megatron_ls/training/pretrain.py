@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ls.arguments import Arguments, build_deepspeed_config
-from megatron_ls.config import TransformerConfig, config_to_dict
+from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
 from megatron_ls.training import checkpointing
 from megatron_ls.training.data_loading import build_data_iterator
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
@@ -57,8 +57,17 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                            backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
                            seed=args.model.seed)
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from megatron_ls.parallel import state as ps
+
+    accelerator = get_accelerator()
+    if t.fp16 and not accelerator.is_fp16_supported():
+        raise ConfigError(f"--fp16: DeepSpeed's {accelerator.device_name()} accelerator does not support float16 "
+                          f"training on this machine; use --bf16")
+    if t.bf16 and not accelerator.is_bf16_supported():
+        raise ConfigError(f"--bf16: DeepSpeed's {accelerator.device_name()} accelerator does not support bfloat16 "
+                          f"training on this machine; use --fp16")
 
     world = dist.get_world_size()
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
