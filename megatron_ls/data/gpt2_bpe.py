@@ -46,30 +46,31 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _category_class(prefix: str) -> str:
-    """A regex character-class body for every code point whose Unicode category starts with ``prefix``."""
-    ranges: list[tuple[int, int]] = []
-    start = None
+def _category_classes() -> dict[str, str]:
+    """Regex character-class bodies for Unicode letters ("L") and numbers ("N"), from ``unicodedata``."""
+    ranges: dict[str, list[list[int]]] = {"L": [], "N": []}
+    category = unicodedata.category
+    prev = None  # major class of the previous code point
     for cp in range(sys.maxunicode + 1):
-        hit = unicodedata.category(chr(cp))[0] == prefix
-        if hit and start is None:
-            start = cp
-        elif not hit and start is not None:
-            ranges.append((start, cp - 1))
-            start = None
-    if start is not None:
-        ranges.append((start, sys.maxunicode))
+        major = category(chr(cp))[0]
+        if major in ranges:
+            if major == prev:
+                ranges[major][-1][1] = cp
+            else:
+                ranges[major].append([cp, cp])
+        prev = major
 
-    def esc(cp: int) -> str:
-        return f"\\U{cp:08x}"
+    def body(spans: list[list[int]]) -> str:
+        return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
 
-    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+    return {k: body(v) for k, v in ranges.items()}
 
 
 @functools.lru_cache(maxsize=1)
 def pretokenize_pattern() -> re.Pattern:
     """GPT-2's pre-tokenization pattern compiled for the standard-library ``re``."""
-    letters, numbers, ws = _category_class("L"), _category_class("N"), _WHITESPACE
+    classes = _category_classes()
+    letters, numbers, ws = classes["L"], classes["N"], _WHITESPACE
     pattern = (
         r"'s|'t|'re|'ve|'m|'ll|'d"
         rf"| ?[{letters}]+"

@@ -1,0 +1,247 @@
+"""GPT samples: exact token content, splits, epochs, caches (reuse/invalidation/corruption), blending."""
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_ls.data.blended_dataset import blending_indices
+from megatron_ls.data.gpt_dataset import (
+    GPTDatasetError,
+    build_gpt_datasets,
+    parse_data_path,
+    parse_split,
+    split_document_ranges,
+)
+from megatron_ls.data.index_cache import IndexCacheError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_helpers import make_indexed  # noqa: E402
+
+LENGTHS = [37, 5, 120, 0, 64, 9, 250, 18, 77, 3] * 10  # 100 documents, one of them empty per ten
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    prefix = str(tmp_path / "corpus")
+    docs = make_indexed(prefix, LENGTHS)
+    return prefix, docs
+
+
+def reference_tokens(ds, docs, i):
+    """Sample i recomputed from first principles: concatenate doc_idx's documents and cut."""
+    stream = np.concatenate([docs[d] for d in np.asarray(ds._doc_idx)])
+    j = int(ds._shuffle_idx[i])
+    return stream[j * ds.seq_length : (j + 1) * ds.seq_length + 1]
+
+
+def test_samples_match_first_principles(corpus, tmp_path):
+    prefix, docs = corpus
+    train, valid, test = build_gpt_datasets([prefix], "80,10,10", 32, (500, 40, 0), seed=7,
+                                            cache_dir=str(tmp_path / "cache"))
+    assert test is None and len(train) == 500 and len(valid) == 40
+    for ds in (train, valid):
+        for i in range(len(ds)):
+            sample = ds[i]
+            assert sample["tokens"].dtype == np.int64 and sample["tokens"].shape == (33,)
+            assert sample["loss_mask"].dtype == np.float32 and sample["loss_mask"].shape == (32,)
+            assert np.all(sample["loss_mask"] == 1)
+            np.testing.assert_array_equal(sample["tokens"], reference_tokens(ds, docs, i))
+    # Splits use disjoint, contiguous document ranges; every epoch is a permutation of the split.
+    assert set(np.asarray(train._doc_idx)) <= set(range(0, 80)) and set(np.asarray(valid._doc_idx)) == set(range(80, 90))
+    n_train_docs = 80
+    first_epoch = np.asarray(train._doc_idx[:n_train_docs])
+    assert sorted(first_epoch) == list(range(80))
+    tokens_needed = 500 * 32 + 1
+    epochs = len(train._doc_idx) // n_train_docs
+    per_epoch = sum(LENGTHS[:80])
+    assert epochs == -(-tokens_needed // per_epoch) and len(train._doc_idx) == epochs * n_train_docs
+
+
+def test_unshuffled_samples_overlap_by_one_token(corpus, tmp_path):
+    prefix, _ = corpus
+    (train, _, _) = build_gpt_datasets([prefix], "1", 16, (100, 0, 0), seed=1, cache_dir=str(tmp_path / "c"))
+    order = np.argsort(np.asarray(train._shuffle_idx))  # dataset positions of samples 0, 1, 2, ...
+    for a, b in zip(order[:-1], order[1:]):
+        assert train[int(a)]["tokens"][-1] == train[int(b)]["tokens"][0]
+
+
+def test_seed_determinism_and_difference(corpus, tmp_path):
+    prefix, _ = corpus
+    a = build_gpt_datasets([prefix], "1", 16, (50, 0, 0), seed=3, cache_dir=str(tmp_path / "a"))[0]
+    b = build_gpt_datasets([prefix], "1", 16, (50, 0, 0), seed=3, cache_dir=str(tmp_path / "b"))[0]
+    c = build_gpt_datasets([prefix], "1", 16, (50, 0, 0), seed=4, cache_dir=str(tmp_path / "a"))[0]
+    assert all(np.array_equal(a[i]["tokens"], b[i]["tokens"]) for i in range(50))
+    assert not all(np.array_equal(a[i]["tokens"], c[i]["tokens"]) for i in range(50))
+
+
+def test_eod_loss_mask(tmp_path):
+    prefix = str(tmp_path / "e")
+    make_indexed(prefix, [10, 10, 10], vocab=5)  # ids 0..4; call 4 the EOD token
+    ds = build_gpt_datasets([prefix], "1", 8, (3, 0, 0), 0, cache_dir=str(tmp_path / "c"), eod_token=4,
+                            eod_mask_loss=True)[0]
+    for i in range(3):
+        s = ds[i]
+        np.testing.assert_array_equal(s["loss_mask"] == 0, s["tokens"][:-1] == 4)
+    with pytest.raises(GPTDatasetError, match="needs eod_token"):
+        build_gpt_datasets([prefix], "1", 8, (3, 0, 0), 0, eod_mask_loss=True)
+
+
+def cache_files(d):
+    return sorted(f for f in os.listdir(d) if f.endswith(".npy") or f.endswith(".json"))
+
+
+def test_cache_reuse_and_invalidation(tmp_path):
+    prefix = str(tmp_path / "d")
+    make_indexed(prefix, LENGTHS)
+    cache = str(tmp_path / "cache")
+    ds = build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=cache)[0]
+    files = cache_files(cache)
+    assert len(files) == 4  # doc/sample/shuffle index + description
+    mtimes = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files}
+    first = [ds[i]["tokens"] for i in range(64)]
+    assert not ds.ensure_index()  # a complete matching entry is reused, not rebuilt
+    again = build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=cache)[0]
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files} == mtimes
+    assert all(np.array_equal(x, again[i]["tokens"]) for i, x in enumerate(first))
+    # Anything that shapes the index selects a new entry: seq length, sample count, seed...
+    build_gpt_datasets([prefix], "1", 17, (64, 0, 0), 5, cache_dir=cache)
+    build_gpt_datasets([prefix], "1", 16, (65, 0, 0), 5, cache_dir=cache)
+    build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 6, cache_dir=cache)
+    assert len(cache_files(cache)) == 16
+    # ... and so does changed data under the same prefix (stale caches are never used).
+    make_indexed(prefix, LENGTHS[::-1])
+    changed = build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=cache)[0]
+    assert len(cache_files(cache)) == 20
+    assert changed.cache.stem != ds.cache.stem
+
+
+def test_corrupt_cache_is_rebuilt_by_builder_and_rejected_by_others(tmp_path):
+    prefix = str(tmp_path / "d")
+    make_indexed(prefix, LENGTHS)
+    cache = str(tmp_path / "cache")
+    ds = build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=cache)[0]
+    expected = [ds[i]["tokens"] for i in range(64)]
+    sample_file = ds.cache.path("sample_idx")
+    with open(sample_file, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises((IndexCacheError, GPTDatasetError), match="sample_idx"):
+        build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=cache, is_builder=False)
+    rebuilt = build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=cache)[0]
+    assert all(np.array_equal(x, rebuilt[i]["tokens"]) for i, x in enumerate(expected))
+
+
+def test_non_builder_without_cache_fails_clearly(tmp_path):
+    prefix = str(tmp_path / "d")
+    make_indexed(prefix, LENGTHS)
+    with pytest.raises(IndexCacheError, match="is_builder=True"):
+        build_gpt_datasets([prefix], "1", 16, (64, 0, 0), 5, cache_dir=str(tmp_path / "c"), is_builder=False)
+
+
+def _rank(rank, prefix, cache, barrier, queue):
+    train = build_gpt_datasets([prefix], "90,10", 16, (200, 20, 0), 11, cache_dir=cache,
+                               is_builder=(rank == 0), barrier=barrier.wait)[0]
+    queue.put((rank, np.stack([train[i]["tokens"] for i in range(200)]).sum(axis=1).tolist()))
+
+
+def test_one_builder_others_memory_map(tmp_path):
+    """Three processes: rank 0 builds, all meet at the barrier, all read identical samples."""
+    prefix = str(tmp_path / "d")
+    make_indexed(prefix, LENGTHS)
+    cache = str(tmp_path / "cache")
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, prefix, cache, barrier, queue)) for r in range(3)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1] == results[2]
+    assert len(cache_files(cache)) == 8  # built once: train + valid
+
+
+def test_barrier_called_once_on_every_rank(corpus, tmp_path):
+    prefix, _ = corpus
+    calls = []
+    build_gpt_datasets([prefix], "80,10,10", 16, (10, 10, 10), 1, cache_dir=str(tmp_path / "c"),
+                       barrier=lambda: calls.append(1))
+    assert calls == [1]
+
+
+def test_parse_data_path():
+    assert parse_data_path(["a"]) == (["a"], [1.0])
+    assert parse_data_path("0.7 a 0.3 b") == (["a", "b"], [0.7, 0.3])
+    prefixes, weights = parse_data_path(["2", "x", "6", "y"])
+    assert prefixes == ["x", "y"] and weights == [0.25, 0.75]
+    assert parse_data_path(["a", "b"]) == (["a", "b"], [0.5, 0.5])
+    for bad, msg in [([], "empty"), (["0.5", "a", "0.5"], "odd count"), (["0.5", "a", "x", "b"], "'x'"),
+                     (["0", "a"], "not a positive number"), (["-1", "a", "2", "b"], "not a positive")]:
+        with pytest.raises(GPTDatasetError, match=msg):
+            parse_data_path(bad)
+
+
+def test_parse_split_and_ranges():
+    assert parse_split("949,50,1") == pytest.approx([0.949, 0.05, 0.001])
+    assert parse_split("9/1") == pytest.approx([0.9, 0.1, 0.0])
+    assert split_document_ranges(1000, parse_split("949,50,1")) == [(0, 949), (949, 999), (999, 1000)]
+    assert split_document_ranges(7, [1 / 3] * 3) == [(0, 2), (2, 5), (5, 7)]
+    for bad in ["", "a,b", "1,2,3,4", "0,0,0", "-1,2", "nan"]:
+        with pytest.raises(GPTDatasetError, match="--split"):
+            parse_split(bad)
+
+
+def test_empty_split_part_and_tiny_inputs(tmp_path):
+    prefix = str(tmp_path / "d")
+    make_indexed(prefix, [50] * 20)
+    with pytest.raises(GPTDatasetError, match="the test part gets 0 of the 20 documents"):
+        build_gpt_datasets([prefix], "949,50,1", 16, (10, 10, 10), 1, cache_dir=str(tmp_path / "c"))
+    # An empty part that nobody asks samples from is fine.
+    train, valid, test = build_gpt_datasets([prefix], "949,50,1", 16, (10, 10, 0), 1, cache_dir=str(tmp_path / "c"))
+    assert test is None and len(valid) == 10
+    empty = str(tmp_path / "empty")
+    make_indexed(empty, [0, 0, 0])
+    with pytest.raises(GPTDatasetError, match="contains no tokens"):
+        build_gpt_datasets([empty], "1", 16, (10, 0, 0), 1, cache_dir=str(tmp_path / "c"))
+    none = str(tmp_path / "none")
+    make_indexed(none, [])
+    with pytest.raises(GPTDatasetError, match="no documents"):
+        build_gpt_datasets([none], "1", 16, (10, 0, 0), 1, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(GPTDatasetError, match="seq-length"):
+        build_gpt_datasets([prefix], "1", 0, (10, 0, 0), 1, cache_dir=str(tmp_path / "c"))
+
+
+def test_blending_indices_track_weights_at_every_prefix():
+    weights = [0.5, 0.3, 0.15, 0.05]
+    dataset_index, sample_index = blending_indices(weights, 20000)
+    counts = np.zeros(4, dtype=np.int64)
+    for n, d in enumerate(dataset_index, 1):
+        assert sample_index[n - 1] == counts[d]  # each dataset's samples are taken in order 0, 1, 2...
+        counts[d] += 1
+        if n % 97 == 0 or n == 20000:
+            assert np.all(np.abs(counts - np.array(weights) * n) <= 1.0), (n, counts)
+    assert counts.tolist() == [10000, 6000, 3000, 1000]
+
+
+def test_blended_datasets(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_indexed(a, [40] * 50, seed=1, vocab=100)
+    make_indexed(b, [30] * 50, seed=2, vocab=1000, low=500)  # b's tokens are all >= 500
+    cache = str(tmp_path / "cache")
+    train, valid, _ = build_gpt_datasets(["0.7", a, "0.3", b], "90,10,0", 16, (1000, 100, 0), 3, cache_dir=cache)
+    which = np.array([train.dataset_of(i) for i in range(1000)])
+    assert np.bincount(which).tolist() == [700, 300]
+    assert np.bincount([valid.dataset_of(i) for i in range(100)]).tolist() == [70, 30]
+    for i in range(1000):
+        tokens = train[i]["tokens"]
+        assert tokens.shape == (17,) and bool(tokens.min() >= 500) == bool(which[i] == 1)
+    # Each part yields each of its own samples exactly once.
+    for d, part in enumerate(train.parts):
+        seen = sorted(int(train._dataset_sample_index[i]) for i in np.flatnonzero(which == d))
+        assert seen == list(range(len(part)))
+    # Reloading from the cache gives the same blend.
+    again = build_gpt_datasets(["0.7", a, "0.3", b], "90,10,0", 16, (1000, 100, 0), 3, cache_dir=cache, is_builder=False)[0]
+    assert all(np.array_equal(train[i]["tokens"], again[i]["tokens"]) for i in range(0, 1000, 37))
