@@ -1,0 +1,162 @@
+"""2D long-short attention for vision (ViT-LS / CvT-LS style).
+
+Sequence layout: ``num_extra_tokens`` leading tokens (CLS, distillation, ...) then the gh×gw patches row-major.
+
+* local keys: the patch grid is cut into ``window × window`` blocks; every query of block (i, j) sees the
+  square of patches rows ``[i·w - e, (i+1)·w + e)`` × cols ``[j·w - e, (j+1)·w + e)``, e = ceil(w/2) (the 1D
+  rule on both axes: 2w × 2w for even w), clipped at the image border;
+* extra tokens are keys visible to every query, and their own queries see every token;
+* global keys: r keys ``Pᵀk`` with P = softmax(proj_logits) over the unpadded *patches* (extra tokens take no
+  projection weight; their rows of proj_logits are ignored), seen by every query;
+* one softmax per query over the union; local/extra keys go through ``local_norm``, global ones ``global_norm``.
+
+The computation is vectorised over all blocks in plain autograd: memory O(N·((w+2e)² + E + r)), linear in the
+number of patches, no N×N tensor except for the E extra-token query rows (E×N).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import checks
+from .long_short import _apply_norm
+from .projection import compute_dtype, project_bidirectional
+
+NEG_INF = float("-inf")
+
+
+def _check_grid(grid, n: int, num_extra: int) -> Tuple[int, int]:
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
+        raise ValueError(f"grid must be a pair of positive ints (gh, gw), got {grid!r}")
+    gh, gw = grid
+    if num_extra + gh * gw != n:
+        raise ValueError(f"sequence length N={n} must equal num_extra_tokens + gh*gw = {num_extra} + {gh}*{gw} "
+                         f"= {num_extra + gh * gw}")
+    return gh, gw
+
+
+def _grid_slabs(x: torch.Tensor, gh: int, gw: int, w: int, e: int, fill) -> torch.Tensor:
+    """(..., gh·gw, C) patches -> (..., nbh, nbw, S·S, C) key squares around each block, S = w + 2e."""
+    s = w + 2 * e
+    nbh, nbw = -(-gh // w), -(-gw // w)
+    lead = x.shape[:-2]
+    g = x.reshape(*lead, gh, gw, x.shape[-1])
+    # pad e before, enough after so every block's square exists; `fill` marks the padding
+    g = F.pad(g.movedim(-1, -3), (e, nbw * w + e - gw, e, nbh * w + e - gh), value=fill)  # (..., C, H', W')
+    g = g.unfold(-2, s, w).unfold(-2, s, w)  # (..., C, nbh, nbw, S, S)
+    return g.flatten(-2).movedim(-4, -1)  # (..., nbh, nbw, S·S, C)
+
+
+def _grid_blocks(x: torch.Tensor, gh: int, gw: int, w: int) -> torch.Tensor:
+    """(..., gh·gw, C) patches -> (..., nbh, nbw, w·w, C) query blocks (zero padded at the border)."""
+    nbh, nbw = -(-gh // w), -(-gw // w)
+    lead, c = x.shape[:-2], x.shape[-1]
+    g = F.pad(x.reshape(*lead, gh, gw, c), (0, 0, 0, nbw * w - gw, 0, nbh * w - gh))
+    g = g.reshape(*lead, nbh, w, nbw, w, c).transpose(-4, -3)
+    return g.reshape(*lead, nbh, nbw, w * w, c)
+
+
+def _ungrid_blocks(x: torch.Tensor, gh: int, gw: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`_grid_blocks`: (..., nbh, nbw, w·w, C) -> (..., gh·gw, C)."""
+    lead, (nbh, nbw, _, c) = x.shape[:-4], x.shape[-4:]
+    g = x.reshape(*lead, nbh, nbw, w, w, c).transpose(-4, -3).reshape(*lead, nbh * w, nbw * w, c)
+    return g[..., :gh, :gw, :].reshape(*lead, gh * gw, c)
+
+
+def _softmax_union(parts, dropout_p: float):
+    """One softmax over the concatenation of score tensors; all-masked rows give all-zero probabilities."""
+    s = torch.cat(parts, dim=-1)
+    mx = s.amax(-1, keepdim=True).detach()
+    mx = mx.masked_fill(mx == NEG_INF, 0.0)
+    p = torch.exp(s - mx)
+    den = p.sum(-1, keepdim=True)
+    p = p / den.masked_fill(den == 0, 1.0)
+    return F.dropout(p, dropout_p) if dropout_p > 0 else p
+
+
+def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_logits: Optional[torch.Tensor],
+                            *, grid: Tuple[int, int], window: int, num_extra_tokens: int = 0,
+                            key_padding_mask: Optional[torch.Tensor] = None,
+                            local_norm: Optional[Callable] = None, global_norm: Optional[Callable] = None,
+                            dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
+    """2D long-short attention over (B, H, E + gh·gw, D) tensors; returns (B, H, N, D) in q's dtype.
+
+    See the module docstring for the visibility rule. ``key_padding_mask`` (B, N) bool, True = padding (never
+    attended, no projection weight, padded query rows return 0).
+    """
+    checks.check_qkv(q, k, v)
+    rank = checks.check_proj_logits(proj_logits, q)
+    window = checks.check_int("window", window, 0)
+    ne = checks.check_int("num_extra_tokens", num_extra_tokens, 0)
+    b, h, n, d = q.shape
+    gh, gw = _check_grid(grid, n, ne)
+    pad = checks.check_padding_mask(key_padding_mask, q)
+    dropout_p = checks.check_dropout(dropout_p)
+    scale = checks.resolve_scale(scale, d)
+    checks.check_norm("local_norm", local_norm)
+    checks.check_norm("global_norm", global_norm)
+    if window == 0 and rank == 0:
+        raise ValueError("long_short_attention_2d needs a window or a projection: got window=0 and "
+                         f"proj_logits={'None' if proj_logits is None else 'with r=0'}")
+    cd = compute_dtype(q.dtype)
+    dev = q.device
+    k_loc = _apply_norm("local_norm", local_norm, k).to(cd)
+    v_loc = _apply_norm("local_norm", local_norm, v).to(cd)
+    q_s = q.to(cd) * scale
+    key_ok = torch.ones(1, n, dtype=torch.bool, device=dev) if pad is None else ~pad  # (B|1, N)
+
+    k_glob = v_glob = None
+    if rank > 0:
+        no_weight = torch.zeros(b, n, dtype=torch.bool, device=dev) if pad is None else pad.clone()
+        no_weight[:, :ne] = True  # the projection runs over patches only
+        k_glob, v_glob = project_bidirectional(k, v, proj_logits, no_weight)
+        k_glob = _apply_norm("global_norm", global_norm, k_glob).to(cd)
+        v_glob = _apply_norm("global_norm", global_norm, v_glob).to(cd)
+        glob_ok = (~no_weight).any(dim=1)[:, None, None, None]  # (B, 1, 1, 1): no patch left -> no keys
+
+    def bias(ok):  # bool keep-mask -> additive 0 / -inf
+        return torch.zeros(ok.shape, dtype=cd, device=dev).masked_fill(~ok, NEG_INF)
+
+    # patch queries, vectorised over blocks: scores against [square slab ; extra tokens ; global keys]
+    qb = _grid_blocks(q_s[:, :, ne:], gh, gw, max(window, 1))  # (B, H, nbh, nbw, T, D)
+    parts, vals = [], []
+    if window > 0:
+        e = (window + 1) // 2
+        ks = _grid_slabs(k_loc[:, :, ne:], gh, gw, window, e, 0.0)
+        vs = _grid_slabs(v_loc[:, :, ne:], gh, gw, window, e, 0.0)
+        ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, e, 0.0)[..., 0] > 0  # (B|1, nbh, nbw, S²)
+        parts.append(torch.matmul(qb, ks.transpose(-1, -2)) + bias(ok)[:, None, :, :, None, :])
+        vals.append(("slab", vs))
+    if ne > 0:
+        ke, ve = k_loc[:, :, :ne], v_loc[:, :, :ne]
+        parts.append(torch.einsum("bhijtd,bhed->bhijte", qb, ke) + bias(key_ok[:, :ne])[:, None, None, None, None])
+        vals.append(("shared", ve))
+    if k_glob is not None:
+        parts.append(torch.einsum("bhijtd,bhrd->bhijtr", qb, k_glob) + bias(glob_ok)[..., None, None])
+        vals.append(("shared", v_glob))
+    p = _softmax_union(parts, dropout_p)
+    o, start = 0, 0
+    for kind, val in vals:
+        width = val.shape[-2]
+        pp = p[..., start:start + width]
+        o = o + (torch.matmul(pp, val) if kind == "slab" else torch.einsum("bhijtk,bhkd->bhijtd", pp, val))
+        start += width
+    out_patches = _ungrid_blocks(o, gh, gw, max(window, 1))
+
+    outs = []
+    if ne > 0:  # extra-token queries see every token and every global key
+        qe = q_s[:, :, :ne]
+        eparts = [torch.matmul(qe, k_loc.transpose(-1, -2)) + bias(key_ok)[:, None, None, :]]
+        evals = [v_loc]
+        if k_glob is not None:
+            eparts.append(torch.matmul(qe, k_glob.transpose(-1, -2)) + bias(glob_ok))
+            evals.append(v_glob)
+        outs.append(torch.matmul(_softmax_union(eparts, dropout_p), torch.cat(evals, dim=2)))
+    outs.append(out_patches)
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    if pad is not None:
+        out = out.masked_fill(pad[:, None, :, None], 0.0)
+    return out.to(q.dtype)
