@@ -27,7 +27,9 @@ class HeadwiseLayerNorm(nn.Module):
         if x.dim() < 3 or x.shape[1] != self.weight.shape[0] or x.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"HeadwiseLayerNorm expects (B, {self.weight.shape[0]}, ..., {self.weight.shape[1]}),"
                              f" got {tuple(x.shape)}")
-        y = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        # Normalise in fp32 for half inputs (as the attention softmaxes do), in the input's precision otherwise.
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        y = F.layer_norm(x.to(compute), (x.shape[-1],), eps=self.eps)
         shape = (self.weight.shape[0],) + (1,) * (x.dim() - 3) + (self.weight.shape[1],)
-        y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        y = y * self.weight.to(compute).view(shape) + self.bias.to(compute).view(shape)
         return y.to(x.dtype)
