@@ -49,9 +49,11 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
 
 
 class _GradNormRecorder:
-    """Records the pre-clipping gradient norm when DeepSpeed steps our torch optimizer directly (fp32, ZeRO-0).
+    """Gradient norm and clipping when DeepSpeed steps our torch optimizer directly (fp32, ZeRO-0).
 
-    DeepSpeed's own optimizer wrappers (ZeRO, bf16, fp16) record it themselves; the plain path does not.
+    DeepSpeed's own optimizer wrappers (ZeRO, bf16, fp16) record the norm themselves. On the plain path DeepSpeed
+    neither records it nor, with pipeline parallelism, counts a tied embedding once (it sits on two stages), so
+    the clip factor would depend on the layout. Here the norm is computed layout-independently and applied.
     """
 
     def __init__(self, engine: Any) -> None:
@@ -59,11 +61,15 @@ class _GradNormRecorder:
         self._fresh = False
         if hasattr(engine.optimizer, "_global_grad_norm") or not hasattr(engine.optimizer, "register_step_pre_hook"):
             return
-        module, clip = engine.module, engine.clip_fp32_gradients
+        module, max_norm = engine.module, engine.gradient_clipping()
 
         def clip_and_record() -> None:
             self.value, self._fresh = unclipped_grad_norm(module), True
-            clip()
+            coeff = max_norm / (self.value + 1e-6)
+            if coeff < 1.0:
+                for param in module.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(coeff)
 
         def before_step(*_: Any) -> None:
             if not self._fresh:  # no clipping configured: measure here

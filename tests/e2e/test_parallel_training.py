@@ -1,0 +1,65 @@
+"""3D parallelism end to end: TP, PP, TP x PP and DP with ZeRO 1-3 reproduce the one-process losses (fp32,
+dropout off), and a TP2 x PP2 run resumes exactly. All runs use torchrun with gloo on CPU."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.e2e.conftest import iteration_losses, pretrain_cmd, run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+
+ITERS = 4
+# 4 layers so that PP=2 puts two layers (one LS, one MASFormer full-attention) on each stage.
+LAYOUT_FLAGS = ["--num-layers", "4", "--full-attention-layers", "1", "--hidden-dropout", "0",
+                "--attention-dropout", "0", "--train-iters", str(ITERS), "--global-batch-size", "8",
+                "--micro-batch-size", "2"]
+
+
+def vocab_flags(tp: int) -> list:
+    # Megatron pads the vocab to a multiple of (divisible-by x TP); keep the padded size (and so the model) equal.
+    return ["--make-vocab-size-divisible-by", str(256 // tp)]
+
+
+def torchrun_cmd(nproc: int, corpus: str, *extra: str) -> list:
+    tp = int(extra[extra.index("--tensor-model-parallel-size") + 1]) if "--tensor-model-parallel-size" in extra else 1
+    cmd = pretrain_cmd(corpus, *LAYOUT_FLAGS, *vocab_flags(tp), *extra)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(corpus_prefix):
+    losses = iteration_losses(run_cli(pretrain_cmd(corpus_prefix, *LAYOUT_FLAGS, *vocab_flags(1))).stdout)
+    assert sorted(losses) == list(range(1, ITERS + 1))
+    return losses
+
+
+def _assert_same(losses, reference, what):
+    assert sorted(losses) == sorted(reference), what
+    for it, ref in reference.items():
+        assert losses[it] == pytest.approx(ref, rel=2e-5), (what, it, losses[it], ref)
+
+
+@pytest.mark.parametrize("layout", [
+    ("--tensor-model-parallel-size", "2"),
+    ("--pipeline-model-parallel-size", "2"),
+    ("--pipeline-model-parallel-size", "2", "--zero-stage", "1"),
+    ("--zero-stage", "1"),
+    ("--zero-stage", "2"),
+    ("--zero-stage", "3"),
+], ids=["tp2", "pp2", "pp2-zero1", "dp2-zero1", "dp2-zero2", "dp2-zero3"])
+def test_two_rank_layouts_match_one_process(corpus_prefix, reference_losses, layout):
+    proc = run_cli(torchrun_cmd(2, corpus_prefix, *layout), timeout=400)
+    _assert_same(iteration_losses(proc.stdout), reference_losses, layout)
+
+
+def test_tp2_pp2_matches_and_resumes_exactly(corpus_prefix, reference_losses, tmp_path):
+    layout = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    ckpt = tmp_path / "ckpt"
+    first = run_cli(torchrun_cmd(4, corpus_prefix, *layout, "--save", str(ckpt), "--exit-interval", "2"),
+                    timeout=500)
+    resumed = run_cli(torchrun_cmd(4, corpus_prefix, *layout, "--load", str(ckpt)), timeout=500)
+    losses = {**iteration_losses(first.stdout), **iteration_losses(resumed.stdout)}
+    assert sorted(iteration_losses(resumed.stdout)) == [3, 4]
+    _assert_same(losses, reference_losses, "tp2xpp2 with resume")
