@@ -160,6 +160,7 @@ class GPTDataset:
         self.cache = IndexCache(cache_dir, label, description, ("doc_idx", "sample_idx", "shuffle_idx"))
         self._seed = int(seed)
         self._arrays: dict | None = None
+        self._ones = np.ones(self.seq_length, dtype=np.float32)
 
     # -- index construction -----------------------------------------------------------------
     def _compute(self) -> dict[str, np.ndarray]:
@@ -187,6 +188,9 @@ class GPTDataset:
             raise GPTDatasetError(f"index cache {self.cache.stem}: {problem}")
         self._arrays = arrays
         self._doc_idx = arrays["doc_idx"]
+        self._tokens = self.indexed.tokens
+        self._doc_offsets = self.indexed.document_offsets
+        self._all_doc_lengths = self.indexed.document_lengths
         self._sample_idx = arrays["sample_idx"]
         self._shuffle_idx = arrays["shuffle_idx"]
 
@@ -205,23 +209,26 @@ class GPTDataset:
             raise IndexError(f"sample {idx} out of range ({self.num_samples} samples in {self.split_name})")
         j = int(self._shuffle_idx[i])
         (p0, o0), (p1, o1) = self._sample_idx[j : j + 2].tolist()
-        get = self.indexed.get_document
+        tokens, offsets = self._tokens, self._doc_offsets  # hot path: plain slices of one mapped array
         if p0 == p1:
-            return get(int(self._doc_idx[p0]), o0, o1 - o0 + 1).astype(np.int64)
+            start = int(offsets[self._doc_idx[p0]]) + o0
+            return tokens[start : start + o1 - o0 + 1].astype(np.int64)
+        docs = self._doc_idx[p0 : p1 + 1]
+        first = offsets[docs]
+        starts = first.tolist()
+        ends = (first + self._all_doc_lengths[docs]).tolist()
+        starts[0] += o0
+        ends[-1] = starts[-1] + o1 + 1
         out = np.empty(self.seq_length + 1, dtype=np.int64)
-        first = get(int(self._doc_idx[p0]), o0)
-        out[: len(first)] = first
-        n = len(first)
-        for p in range(p0 + 1, p1):
-            part = get(int(self._doc_idx[p]))
-            out[n : n + len(part)] = part
-            n += len(part)
-        out[n:] = get(int(self._doc_idx[p1]), 0, o1 + 1)
+        n = 0
+        for a, b in zip(starts, ends):
+            out[n : n + b - a] = tokens[a:b]
+            n += b - a
         return out
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         tokens = self.get_tokens(idx)
-        loss_mask = np.ones(self.seq_length, dtype=np.float32)
+        loss_mask = self._ones.copy()  # copying a template is cheaper than np.ones (a Python function)
         if self.eod_mask_loss:
             # Megatron's rule: no loss where the *input* token is EOD (predicting across documents).
             loss_mask[tokens[:-1] == self.eod_token] = 0.0

@@ -91,7 +91,9 @@ class IndexCache:
         out = {}
         for name in self.names:
             try:
-                out[name] = np.load(self.path(name), mmap_mode="r", allow_pickle=False)
+                # np.asarray drops the np.memmap subclass, whose Python-level __array_finalize__
+                # would otherwise run on every slice in the per-sample hot path.
+                out[name] = np.asarray(np.load(self.path(name), mmap_mode="r", allow_pickle=False))
             except (OSError, ValueError) as exc:
                 raise IndexCacheError(f"index cache file {self.path(name)} is corrupt: {exc}") from exc
         return out

@@ -185,8 +185,10 @@ class IndexedDataset:
         self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
         # Plain Python ints for the hot path (numpy scalar arithmetic is several times slower).
         self._itemsize = self._dtype.itemsize
+        # The whole .bin as one token array (a view): slicing it is the cheapest way to read tokens.
+        self._tokens = np.frombuffer(self._bin, self._dtype)
         self._doc_lengths: np.ndarray | None = None
-        self._doc_pointers: np.ndarray | None = None
+        self._doc_offsets: np.ndarray | None = None
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -221,9 +223,20 @@ class IndexedDataset:
             cum = np.zeros(len(self._lengths) + 1, dtype=np.int64)
             np.cumsum(self._lengths, dtype=np.int64, out=cum[1:])
             self._doc_lengths = np.diff(cum[self._doc_idx])
-            # A document's sequences are contiguous in .bin (checked at open), so one pointer locates it.
-            self._doc_pointers = cum[self._doc_idx[:-1]] * self._itemsize
+            # A document's sequences are contiguous in .bin (checked at open), so one offset locates it.
+            self._doc_offsets = cum[self._doc_idx[:-1]]
         return self._doc_lengths
+
+    @property
+    def document_offsets(self) -> np.ndarray:
+        """int64 array, the token offset of every document's first token within ``tokens``."""
+        self.document_lengths  # computes both
+        return self._doc_offsets
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the ``.bin`` as one read-only array view (sequences back to back)."""
+        return self._tokens
 
     def get_document(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of document ``doc`` (all its sequences, concatenated)."""
@@ -238,7 +251,8 @@ class IndexedDataset:
             raise IndexError(
                 f"slice [{offset}, {offset + length}) outside document {d} of length {doc_len} in {self.path_prefix}"
             )
-        return np.frombuffer(self._bin, self._dtype, length, int(self._doc_pointers[d]) + offset * self._itemsize)
+        start = int(self._doc_offsets[d]) + offset
+        return self._tokens[start : start + length]
 
     @staticmethod
     def exists(path_prefix: str) -> bool:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import random
 import sys
 import sysconfig
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from megatron_ls.data.atomic import atomic_write_text
 
@@ -27,6 +28,22 @@ __all__ = ["collect_documents", "main", "write_jsonl"]
 # Directories of the stdlib that hold tests, demos, bundled third-party code or generated files.
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
               "__pycache__", "ensurepip", "tkinter", "unittest"}
+
+
+_SCOPES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _scopes(node: ast.AST) -> Iterator[ast.AST]:
+    """Module/class/function nodes in source order, descending through statements only.
+
+    (``ast.walk`` would also visit every expression node, which is most of the parsing time.)
+    """
+    if isinstance(node, _SCOPES):
+        yield node
+    for name in ("body", "orelse", "finalbody", "handlers"):
+        for child in getattr(node, name, None) or ():
+            if isinstance(child, ast.AST) and not isinstance(child, ast.expr):
+                yield from _scopes(child)
 
 
 def _stdlib_docstrings(min_chars: int) -> list[dict]:
@@ -44,23 +61,30 @@ def _stdlib_docstrings(min_chars: int) -> list[dict]:
                     tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, OSError):
                 continue  # a few files are intentionally not valid Python 3 source
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    text = ast.get_docstring(node)
-                    if text and len(text) >= min_chars:
-                        title = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
-                        docs.append({"title": title, "source": "stdlib-docstring", "text": text})
+            for node in _scopes(tree):
+                text = ast.get_docstring(node)
+                if text and len(text) >= min_chars:
+                    title = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
+                    docs.append({"title": title, "source": "stdlib-docstring", "text": text})
     return docs
 
 
-def collect_documents(min_chars: int = 300, seed: int = 0) -> list[dict]:
-    """All sample documents as ``{"title", "source", "text"}`` dicts, in a seeded shuffled order."""
+@functools.lru_cache(maxsize=4)
+def _collect(min_chars: int, seed: int) -> tuple[tuple[str, str, str], ...]:
     import pydoc_data.topics as topics
 
     docs = [{"title": k, "source": "pydoc-topics", "text": v.strip()} for k, v in sorted(topics.topics.items())]
     docs += _stdlib_docstrings(min_chars)
     random.Random(seed).shuffle(docs)
-    return docs
+    return tuple((d["title"], d["source"], d["text"]) for d in docs)
+
+
+def collect_documents(min_chars: int = 300, seed: int = 0) -> list[dict]:
+    """All sample documents as ``{"title", "source", "text"}`` dicts, in a seeded shuffled order.
+
+    Parsing the standard library takes a few seconds, so the result is memoised per process.
+    """
+    return [{"title": t, "source": s, "text": x} for t, s, x in _collect(min_chars, seed)]
 
 
 def write_jsonl(path: str, docs: Sequence[dict]) -> int:

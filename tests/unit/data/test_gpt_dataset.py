@@ -245,3 +245,22 @@ def test_blended_datasets(tmp_path):
     # Reloading from the cache gives the same blend.
     again = build_gpt_datasets(["0.7", a, "0.3", b], "90,10,0", 16, (1000, 100, 0), 3, cache_dir=cache, is_builder=False)[0]
     assert all(np.array_equal(train[i]["tokens"], again[i]["tokens"]) for i in range(0, 1000, 37))
+
+
+def test_documents_made_of_several_sequences(tmp_path):
+    """Sentence-split data (several sequences per document): a document is all of its sequences."""
+    from megatron_ls.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(5)
+    prefix = str(tmp_path / "s")
+    b = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+    docs = []
+    for _ in range(30):
+        lens = rng.integers(0, 20, rng.integers(1, 4)).tolist()
+        tokens = rng.integers(0, 10**6, sum(lens))
+        b.add_document(tokens, lens)
+        docs.append(tokens)
+    b.finalize(prefix + ".idx")
+    ds = build_gpt_datasets([prefix], "1", 8, (60, 0, 0), 2, cache_dir=str(tmp_path / "c"))[0]
+    for i in range(60):
+        np.testing.assert_array_equal(ds[i]["tokens"], reference_tokens(ds, docs, i))
