@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .projection import compute_dtype
 
@@ -228,11 +229,15 @@ class LongShortCore(torch.autograd.Function):
             out[:, t0:t1] = o.view(z, m * tq, plan.d)
             # +inf for empty rows makes the backward's exp(s - lse) exactly 0 there
             lse[:, t0:t1] = (mx + den.log()).masked_fill(empty, float("inf")).view(z, m * tq)
+        result = out[:, :plan.n].reshape(plan.b, plan.h, plan.n, plan.d).to(q.dtype)
         ctx.plan = plan
-        ctx.save_for_backward(q, k_loc, v_loc, k_glob, v_glob, out, lse)
-        return out[:, :plan.n].reshape(plan.b, plan.h, plan.n, plan.d).to(q.dtype)
+        # save the returned tensor itself (not the buffer it may view) so autograd's version check catches
+        # any in-place change to it before backward
+        ctx.save_for_backward(q, k_loc, v_loc, k_glob, v_glob, result, lse)
+        return result
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         plan: Plan = ctx.plan
         q, k_loc, v_loc, k_glob, v_glob, out, lse = ctx.saved_tensors
@@ -240,7 +245,9 @@ class LongShortCore(torch.autograd.Function):
         z, tq, n, d, cd = plan.b * plan.h, plan.tq, plan.n, plan.d, plan.cd
         nq = plan.nb * tq
         g_o = F.pad(grad_out.reshape(z, n, d).to(cd), (0, 0, 0, nq - n))
-        delta = (g_o * out).sum(-1)  # rowsum(dO ∘ O), (Z, nq)
+        o_pad = F.pad(out.reshape(z, n, d).to(cd), (0, 0, 0, nq - n))
+        delta = (g_o * o_pad).sum(-1)  # rowsum(dO ∘ O), (Z, nq)
+        del o_pad
         dq = torch.zeros(z, nq, d, dtype=cd, device=q.device)
         if plan.has_local:
             dk_pad = torch.zeros(z, plan.key_len // tq, tq, d, dtype=cd, device=q.device)
