@@ -63,6 +63,15 @@ def make_mask_mod(n: int, *, causal: bool, window: int, n_local: int, segment_le
     return mask_mod
 
 
+@functools.lru_cache(maxsize=16)
+def _static_block_mask(n: int, n_keys: int, causal: bool, window: int, n_local: int, segment_len: int, rank: int,
+                       device: str):
+    mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
+                             rank=rank, pad=None, chunk_valid=None)
+    dev = torch.device(device)
+    return create_block_mask(mask_mod, None, None, n, n_keys, device=dev, _compile=dev.type == "cuda")
+
+
 def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optional[torch.Tensor],
                     k_glob: Optional[torch.Tensor], v_glob: Optional[torch.Tensor], *, causal: bool, window: int,
                     segment_len: int, rank: int, pad: Optional[torch.Tensor],
@@ -83,12 +92,15 @@ def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optio
     key = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
     val = vals[0] if len(vals) == 1 else torch.cat(vals, dim=2)
     n_local = n if k_loc is not None else 0
-    mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
-                             rank=rank, pad=pad, chunk_valid=chunk_valid)
-    per_batch = pad is not None or chunk_valid is not None
     on_cuda = q.is_cuda
-    block_mask = create_block_mask(mask_mod, b if per_batch else None, None, n, key.shape[2],
-                                   device=q.device, _compile=on_cuda)
+    if pad is None and chunk_valid is None:
+        # the mask depends only on the shape: build it once per layout (every layer and step reuses it)
+        block_mask = _static_block_mask(n, key.shape[2], causal, window, n_local, segment_len, rank,
+                                        str(q.device))
+    else:
+        mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
+                                 rank=rank, pad=pad, chunk_valid=chunk_valid)
+        block_mask = create_block_mask(mask_mod, b, None, n, key.shape[2], device=q.device, _compile=on_cuda)
     fn = _compiled_flex() if on_cuda else flex_attention
     if not on_cuda:  # flex refuses CPU inputs that require grad even under no_grad; we checked grad is off
         q, key, val = q.detach(), key.detach(), val.detach()
