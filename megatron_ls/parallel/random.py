@@ -37,6 +37,9 @@ class RNGStatesTracker:
         self._states.clear()
         self._seeds.clear()
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._states
+
     def names(self) -> list[str]:
         """Names of the tracked states."""
         return list(self._states)

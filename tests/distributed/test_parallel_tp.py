@@ -37,3 +37,10 @@ def test_four_ranks_layouts() -> None:
     expected = [f"({lay.replace(',', ', ')}):groups" for lay in layouts]
     expected += [f"{_tag(lay)}:{c}" for lay in layouts for c in LAYER_CHECKS + RNG_CHECKS]
     _assert_all_ok(out, expected + ["bad-size"])
+
+
+def test_deepspeed_uses_state_as_mpu() -> None:
+    """deepspeed.initialize(mpu=state) at TP2 x DP2: DP/MP sizes, global grad norm and SGD step vs dense."""
+    stages = ["0", "2"]  # stage 1 shares stage 2's code path (stage_1_and_2.py)
+    out = run_torchrun("tests/distributed/workers/ds_mpu_worker.py", 4, ["--zero-stage", *stages], timeout=240)
+    _assert_all_ok(out, [f"deepspeed-mpu-zero{s}" for s in stages])
