@@ -183,6 +183,22 @@ def read_metadata(load_dir: str, tag: str) -> dict:
     return metadata
 
 
+def check_compatible(load_dir: str, model_config: Any) -> None:
+    """Fail early, naming the flag, when the checkpoint's model shape differs from this run's."""
+    saved = read_metadata(load_dir, read_latest_tag(load_dir)).get("args", {}).get("model", {})
+    problems = []
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "projection_rank",
+                 "position_embedding_type", "dual_ln"):
+        if name in saved and saved[name] != getattr(model_config, name):
+            problems.append(f"--{name.replace('_', '-')} is {getattr(model_config, name)} here but "
+                            f"{saved[name]} in the checkpoint")
+    if "vocab_size" in saved and saved["vocab_size"] != model_config.vocab_size:
+        problems.append(f"padded vocab size is {model_config.vocab_size} here but {saved['vocab_size']} in the "
+                        f"checkpoint (padding = multiple of --make-vocab-size-divisible-by x tensor parallel size)")
+    if problems:
+        raise CheckpointError(f"--load {load_dir}: " + "; ".join(problems))
+
+
 def load_checkpoint(engine: Any, load_dir: str, *, load_optimizer: bool = True, load_rng: bool = True,
                     finetune: bool = False) -> tuple[LoadedState, Optional[dict]]:
     """Load the checkpoint named by ``latest``; returns the restored counters and this rank's RNG state."""

@@ -77,6 +77,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
 
     train_ds, valid_ds, test_ds, data_byte_level = datasets_provider(args, _num_samples(args))
     byte_level = data_byte_level if byte_level is None else byte_level
+    if ck.load:
+        checkpointing.check_compatible(ck.load, args.model)
     pipeline = p.pipeline_model_parallel_size > 1
     model = model_provider(args.model, pipeline)
     optimizer = build_optimizer(model, t)

@@ -1,0 +1,158 @@
+"""Re-shard GPT-LS training checkpoints between TP/PP layouts, or merge them into one consolidated file.
+
+Model weights only: optimizer states are layout-specific (and ZeRO-partitioned), so a re-sharded checkpoint is
+loaded with ``--load DIR --finetune`` (weights, fresh optimizer). Which dimension a parameter is split along comes
+from the model itself (``tensor_model_parallel`` / ``partition_dim`` attributes on a TP=1 ``GPTModel``), so new
+layers need no table here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_ls.config import TransformerConfig, config_to_dict, transformer_config_from_dict
+from megatron_ls.inference.checkpoint_io import InferenceCheckpointError, save_consolidated
+
+# In a PipelineModule checkpoint, layer file 0 is the embedding, 1..L the transformer layers, L+1 the final LN
+# (the tied LM head is not written: it shares the embedding's weight).
+
+
+def _layer_prefix(layer_index: int, num_layers: int) -> Optional[str]:
+    if layer_index == 0:
+        return "embedding."
+    if 1 <= layer_index <= num_layers:
+        return f"layers.{layer_index - 1}."
+    if layer_index == num_layers + 1:
+        return "final_layernorm."
+    return None
+
+
+def partition_dims(config: TransformerConfig) -> dict[str, Optional[int]]:
+    """``{parameter name: TP partition dim or None}`` for a GPTModel of this config."""
+    from megatron_ls.model import GPTModel
+
+    model = GPTModel(config)
+    return {name: (int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None)
+            for name, p in model.named_parameters()}
+
+
+def _load(path: str) -> dict:
+    from megatron_ls.training.checkpointing import safe_torch_load
+
+    return safe_torch_load(path)
+
+
+def read_tp_shards(load_dir: str) -> tuple[TransformerConfig, list[dict], dict]:
+    """(config, one GPTModel-named state dict per TP rank, metadata) of the checkpoint ``latest`` points at."""
+    from megatron_ls.training.checkpointing import read_latest_tag, read_metadata
+
+    tag = read_latest_tag(load_dir)
+    metadata = read_metadata(load_dir, tag)
+    config = transformer_config_from_dict(metadata["args"]["model"])
+    layout = metadata.get("layout", {})
+    tp = int(layout.get("tensor_model_parallel_size", 1))
+    pp = int(layout.get("pipeline_model_parallel_size", 1))
+    if metadata["args"]["parallel"].get("zero_stage", 0) == 3:
+        raise InferenceCheckpointError(f"{load_dir}: ZeRO-3 partitions the weights themselves; re-save without "
+                                       f"ZeRO-3 (or use DeepSpeed's zero_to_fp32) before converting")
+    ckpt = os.path.join(load_dir, tag)
+    shards = []
+    for t in range(tp):
+        if pp == 1:
+            shards.append(dict(_load(os.path.join(ckpt, f"mp_rank_{t:02d}_model_states.pt"))["module"]))
+            continue
+        merged: dict = {}
+        for layer_index in range(config.num_layers + 2):
+            path = os.path.join(ckpt, f"layer_{layer_index:02d}-model_{t:02d}-model_states.pt")
+            prefix = _layer_prefix(layer_index, config.num_layers)
+            for name, tensor in _load(path).items():
+                merged[prefix + name] = tensor
+        shards.append(merged)
+    return config, shards, metadata
+
+
+def merge_tp_shards(shards: list[dict], dims: dict[str, Optional[int]]) -> dict:
+    """Full weights from per-TP-rank state dicts (concatenate split parameters, take rank 0's replicated ones)."""
+    missing = set(dims) - set(shards[0])
+    if missing:
+        raise InferenceCheckpointError(f"checkpoint lacks parameters {sorted(missing)[:5]}")
+    full = {}
+    for name, dim in dims.items():
+        parts = [s[name] for s in shards]
+        full[name] = torch.cat(parts, dim=dim) if dim is not None and len(parts) > 1 else parts[0]
+    return full
+
+
+def shard_for_rank(full: dict, dims: dict[str, Optional[int]], tp: int, rank: int) -> dict:
+    """This TP rank's slice of every split parameter (contiguous, as the TP layers keep them)."""
+    out = {}
+    for name, tensor in full.items():
+        dim = dims.get(name)
+        if dim is None or tp == 1:
+            out[name] = tensor.clone()
+        else:
+            if tensor.shape[dim] % tp:
+                raise InferenceCheckpointError(f"{name}: dimension {dim} of size {tensor.shape[dim]} is not "
+                                               f"divisible by target TP {tp} (pad the vocab with "
+                                               f"--make-vocab-size-divisible-by)")
+            per = tensor.shape[dim] // tp
+            out[name] = tensor.narrow(dim, rank * per, per).clone()
+    return out
+
+
+def write_training_checkpoint(save_dir: str, config: TransformerConfig, full: dict,
+                              dims: dict[str, Optional[int]], tp: int, pp: int, metadata: dict) -> str:
+    """Model-only checkpoint in DeepSpeed's file layout for TP x PP (load it with ``--load --finetune``)."""
+    from megatron_ls.training.checkpointing import (LATEST_FILE, METADATA_FILE, atomic_torch_save,
+                                                    atomic_write_text, checkpoint_tag)
+
+    if config.num_layers % pp:
+        raise InferenceCheckpointError(f"--num-layers {config.num_layers} is not divisible by target PP {pp}")
+    iteration = int(metadata.get("iteration", 0))
+    tag = checkpoint_tag(iteration)
+    ckpt = os.path.join(save_dir, tag)
+    os.makedirs(ckpt, exist_ok=True)
+    for t in range(tp):
+        shard = shard_for_rank(full, dims, tp, t)
+        if pp == 1:
+            atomic_torch_save({"module": shard, "dp_world_size": 1, "mp_world_size": tp},
+                              os.path.join(ckpt, f"mp_rank_{t:02d}_model_states.pt"))
+            continue
+        for layer_index in range(config.num_layers + 2):
+            prefix = _layer_prefix(layer_index, config.num_layers)
+            layer = {k[len(prefix):]: v for k, v in shard.items() if k.startswith(prefix)}
+            atomic_torch_save(layer, os.path.join(ckpt, f"layer_{layer_index:02d}-model_{t:02d}-model_states.pt"))
+        for stage in range(pp):
+            atomic_torch_save({"module": None, "dp_world_size": 1, "mp_world_size": tp * pp},
+                              os.path.join(ckpt, f"mp_rank_{stage * tp + t:02d}_model_states.pt"))
+    args = json.loads(json.dumps(metadata.get("args", {})))
+    args.setdefault("parallel", {}).update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                           zero_stage=0)
+    args["model"] = config_to_dict(config)
+    new_meta = {"format_version": 1, "iteration": iteration, "consumed_samples": int(metadata.get(
+        "consumed_samples", 0)), "args": args, "weights_only": True,
+        "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": 1},
+        "converted_from": metadata.get("layout", {})}
+    atomic_write_text(os.path.join(ckpt, METADATA_FILE), json.dumps(new_meta, indent=2))
+    atomic_write_text(os.path.join(save_dir, LATEST_FILE), tag + "\n")
+    return ckpt
+
+
+def convert(load_dir: str, *, save_dir: Optional[str] = None, target_tp: int = 1, target_pp: int = 1,
+            consolidated_dir: Optional[str] = None) -> dict:
+    """Read any-layout checkpoint; write a re-sharded one and/or a consolidated (safetensors) one."""
+    config, shards, metadata = read_tp_shards(load_dir)
+    dims = partition_dims(config)
+    full = merge_tp_shards(shards, dims)
+    written = {}
+    if save_dir:
+        written["checkpoint"] = write_training_checkpoint(save_dir, config, full, dims, target_tp, target_pp,
+                                                          metadata)
+    if consolidated_dir:
+        save_consolidated(consolidated_dir, config, full, {"iteration": metadata.get("iteration"),
+                                                           "source": os.path.abspath(load_dir)})
+        written["consolidated"] = consolidated_dir
+    return written
