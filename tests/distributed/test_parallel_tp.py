@@ -10,6 +10,7 @@ pytestmark = pytest.mark.distributed
 WORKER = "tests/distributed/workers/worker.py"
 LAYER_CHECKS = ["column", "row", "mlp-comm", "embedding+lm-head+ce", "cross-entropy", "scatter-gather"]
 RNG_CHECKS = ["rng-tracker", "rng-seed"]
+MODEL_COMM_CHECKS = ["ls-layer-comm", "full-layer-comm"]  # the lead's TransformerLayer on our layers
 
 
 def _tag(layout: str) -> str:
@@ -24,10 +25,11 @@ def _assert_all_ok(out: str, expected: list[str]) -> None:
 
 
 def test_two_ranks_tp2_and_dp2() -> None:
-    """TP=2 (every layer vs dense, comm counts, RNG), then TP=1 x DP=2 (collectives vanish, RNG shared)."""
+    """TP=2 (every layer vs dense, comm counts incl. a whole LS/full transformer layer, RNG), then
+    TP=1 x DP=2 (collectives vanish, RNG shared)."""
     layouts = ["2,1,1", "1,1,1"]
-    out = run_torchrun(WORKER, 2, ["--layouts", *layouts, "--suites", "layers", "rng"], timeout=180)
-    _assert_all_ok(out, [f"{_tag(lay)}:{c}" for lay in layouts for c in LAYER_CHECKS + RNG_CHECKS])
+    out = run_torchrun(WORKER, 2, ["--layouts", *layouts, "--suites", "layers", "rng", "model-comm"], timeout=180)
+    _assert_all_ok(out, [f"{_tag(lay)}:{c}" for lay in layouts for c in LAYER_CHECKS + RNG_CHECKS + MODEL_COMM_CHECKS])
 
 
 def test_four_ranks_layouts() -> None:

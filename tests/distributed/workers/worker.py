@@ -8,17 +8,18 @@ import argparse
 
 import check_groups
 import check_layers
+import check_model_comm
 import check_rng
 from _common import finish, run_checks, start
 from megatron_ls.parallel import state
 
-SUITES = {"layers": check_layers.checks, "rng": check_rng.checks}
+SUITES = {"layers": check_layers.checks, "rng": check_rng.checks, "model-comm": check_model_comm.checks}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", nargs="+", required=True, help="tp,pp,cp triples")
-    parser.add_argument("--suites", nargs="+", default=["layers"], choices=["layers", "groups", "rng"])
+    parser.add_argument("--suites", nargs="+", default=["layers"], choices=["layers", "groups", "rng", "model-comm"])
     args = parser.parse_args()
     start()
     for spec in args.layouts:
