@@ -105,6 +105,15 @@ class BlendedDataset:
         self._dataset_sample_index = arrays["dataset_sample_index"]
         self.parts = list(parts)
 
+    # Pickling sends the parts (which pickle small) and reloads the blend order from the cache.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_dataset_index", "_dataset_sample_index")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.parts is not None:
+            self.load_index(self.parts)
+
     def __len__(self) -> int:
         return self.size
 

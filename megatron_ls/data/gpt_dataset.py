@@ -194,6 +194,22 @@ class GPTDataset:
         self._sample_idx = arrays["sample_idx"]
         self._shuffle_idx = arrays["shuffle_idx"]
 
+    # Pickling sends the description only; the receiver memory-maps the cached indices again.
+    _MAPPED = ("_arrays", "_doc_idx", "_sample_idx", "_shuffle_idx", "_tokens", "_doc_offsets", "_all_doc_lengths")
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._MAPPED and k != "_doc_lengths"}
+        state["_loaded"] = self._arrays is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        loaded = state.pop("_loaded")
+        self.__dict__.update(state)
+        self._arrays = None
+        self._doc_lengths = self.indexed.document_lengths[self.doc_start : self.doc_end]
+        if loaded:
+            self.load_index()
+
     # -- access -----------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.num_samples

@@ -292,6 +292,14 @@ class IndexedDataset:
             )
         return np.frombuffer(self._bin, self._dtype, length, int(self._pointers[i]) + offset * self._itemsize)
 
+    # Pickling (e.g. DataLoader workers under the "spawn" start method) must not copy the mapped
+    # files into the pickle: only the path travels, and the receiver maps the files again.
+    def __getstate__(self) -> dict:
+        return {"path_prefix": self.path_prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path_prefix"])
+
     def __repr__(self) -> str:
         return (
             f"IndexedDataset({self.path_prefix!r}, sequences={len(self)}, documents={self.num_documents}, "

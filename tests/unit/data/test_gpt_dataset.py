@@ -264,3 +264,23 @@ def test_documents_made_of_several_sequences(tmp_path):
     ds = build_gpt_datasets([prefix], "1", 8, (60, 0, 0), 2, cache_dir=str(tmp_path / "c"))[0]
     for i in range(60):
         np.testing.assert_array_equal(ds[i]["tokens"], reference_tokens(ds, docs, i))
+
+
+def test_pickling_is_small_and_remaps(tmp_path):
+    """DataLoader workers under "spawn" pickle the dataset: only paths may travel, not the data."""
+    import pickle
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_indexed(a, [5000] * 40, seed=1)
+    make_indexed(b, [3000] * 40, seed=2)
+    single = build_gpt_datasets([a], "1", 64, (2000, 0, 0), 3, cache_dir=str(tmp_path / "c"))[0]
+    blend = build_gpt_datasets(["0.6", a, "0.4", b], "1", 64, (2000, 0, 0), 3, cache_dir=str(tmp_path / "c"))[0]
+    for ds in (single, blend, single.indexed):
+        data = pickle.dumps(ds)
+        assert len(data) < 20_000  # the .bin alone is 400 KB
+        copy = pickle.loads(data)
+        for i in (0, 7, len(ds) - 1):
+            x, y = ds[i], copy[i]
+            if isinstance(x, dict):
+                x, y = x["tokens"], y["tokens"]
+            np.testing.assert_array_equal(x, y)

@@ -156,12 +156,13 @@ def test_bad_flags(tmp_path):
         run(tmp_path, "--tokenizer-type", "ByteTokenizer", "--workers", "0")
 
 
-def test_truncated_gzip(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_truncated_gzip(tmp_path, workers):
     packed = write_jsonl(tmp_path / "t.jsonl.gz", DOCS * 2000, compress=True)
     data = Path(packed).read_bytes()
     Path(packed).write_bytes(data[: len(data) // 2])
     with pytest.raises(PreprocessError, match="read error"):
-        run(tmp_path, "--tokenizer-type", "ByteTokenizer", input_path=packed)
+        run(tmp_path, "--tokenizer-type", "ByteTokenizer", "--workers", workers, input_path=packed)
 
 
 def test_tool_wrapper_runs(tmp_path):
