@@ -111,10 +111,11 @@ def bench_access(tmp: str, dataset_tokens: int, seq_length: int, num_samples: in
     prefix = os.path.join(tmp, "synthetic")
     docs = make_dataset(prefix, dataset_tokens)
     t0 = time.perf_counter()
-    train = build_gpt_datasets([prefix], "1", seq_length, (num_samples, 0, 0), 1234, cache_dir=os.path.join(tmp, "c"))[0]
+    cache = os.path.join(tmp, "c")
+    train = build_gpt_datasets([prefix], "1", seq_length, (num_samples, 0, 0), 1234, cache_dir=cache)[0]
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    build_gpt_datasets([prefix], "1", seq_length, (num_samples, 0, 0), 1234, cache_dir=os.path.join(tmp, "c"))
+    build_gpt_datasets([prefix], "1", seq_length, (num_samples, 0, 0), 1234, cache_dir=cache)
     reuse_s = time.perf_counter() - t0
     for i in range(len(train)):  # warm the page cache (and the index memmaps)
         train.get_tokens(i)
@@ -173,8 +174,9 @@ def main(argv=None) -> dict:
     for row in spm_rows:
         print(f"{'preprocess SentencePiece, workers=' + str(row['workers']):<44}{row['mb_per_s']:>14.1f}  MB/s"
               f"  ({row['docs_per_s']:.0f} docs/s, {row['input_mb']:.0f} MB)")
-    print(f"{'GPT dataset random access, seq ' + str(acc['seq_length']):<44}{acc['random_samples_per_s']:>14.0f}  samples/s"
-          f"  ({acc['random_tokens_per_s'] / 1e6:.0f} M tokens/s; {acc['random_samples_per_cpu_s']:.0f} per CPU-second)")
+    label = f"GPT dataset random access, seq {acc['seq_length']}"
+    print(f"{label:<44}{acc['random_samples_per_s']:>14.0f}  samples/s  ({acc['random_tokens_per_s'] / 1e6:.0f} "
+          f"M tokens/s; {acc['random_samples_per_cpu_s']:.0f} per CPU-second)")
     print(f"{'GPT dataset in-order access':<44}{acc['in_order_samples_per_s']:>14.0f}  samples/s")
     print(f"{'index build (' + str(acc['num_samples']) + ' samples)':<44}{acc['index_build_s']:>14.3f}  s"
           f"  (reuse from cache: {acc['index_reuse_s']:.3f} s)")

@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     p = argparse.ArgumentParser(description="Write the no-download sample corpus (Python's own docs) and tokenize it.")
     p.add_argument("--output-dir", required=True, help="directory for python_docs.jsonl and the .bin/.idx")
-    p.add_argument("--tokenizer-type", default="ByteTokenizer", help="as for preprocess_data.py (default: ByteTokenizer)")
+    p.add_argument("--tokenizer-type", default="ByteTokenizer",
+                   help="as for preprocess_data.py (default: ByteTokenizer)")
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)

@@ -11,7 +11,8 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be built from the given flags/files, or an id is out of range."""
 
 
-def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
+                   tensor_model_parallel_size: int = 1) -> int:
     """Round ``vocab_size`` up to a multiple of ``divisible_by * tp`` (Megatron's padding rule)."""
     if make_vocab_size_divisible_by < 1:
         raise TokenizerError(f"--make-vocab-size-divisible-by must be >= 1, got {make_vocab_size_divisible_by}")

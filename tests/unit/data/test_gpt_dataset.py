@@ -50,7 +50,8 @@ def test_samples_match_first_principles(corpus, tmp_path):
             assert np.all(sample["loss_mask"] == 1)
             np.testing.assert_array_equal(sample["tokens"], reference_tokens(ds, docs, i))
     # Splits use disjoint, contiguous document ranges; every epoch is a permutation of the split.
-    assert set(np.asarray(train._doc_idx)) <= set(range(0, 80)) and set(np.asarray(valid._doc_idx)) == set(range(80, 90))
+    assert set(np.asarray(train._doc_idx)) <= set(range(0, 80))
+    assert set(np.asarray(valid._doc_idx)) == set(range(80, 90))
     n_train_docs = 80
     first_epoch = np.asarray(train._doc_idx[:n_train_docs])
     assert sorted(first_epoch) == list(range(80))
@@ -243,7 +244,8 @@ def test_blended_datasets(tmp_path):
         seen = sorted(int(train._dataset_sample_index[i]) for i in np.flatnonzero(which == d))
         assert seen == list(range(len(part)))
     # Reloading from the cache gives the same blend.
-    again = build_gpt_datasets(["0.7", a, "0.3", b], "90,10,0", 16, (1000, 100, 0), 3, cache_dir=cache, is_builder=False)[0]
+    again = build_gpt_datasets(["0.7", a, "0.3", b], "90,10,0", 16, (1000, 100, 0), 3, cache_dir=cache,
+                               is_builder=False)[0]
     assert all(np.array_equal(train[i]["tokens"], again[i]["tokens"]) for i in range(0, 1000, 37))
 
 
