@@ -49,8 +49,13 @@ def main(argv=None) -> None:
     pretrain(args, model_provider, datasets_provider)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry (``megatron-ls-pretrain-gpt``): clean shutdown and clear errors."""
     select_accelerator()
     from megatron_ls.training.pretrain import run_main
 
     run_main(lambda: main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

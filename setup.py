@@ -17,9 +17,15 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_ls", "megatron_ls.*"]),
+    py_modules=["pretrain_gpt_ls"],
     python_requires=">=3.10",
     # torch is deliberately not pinned here: an existing install (CPU or CUDA) must be kept as is.
     install_requires=["torch>=2.3"] + requirements,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"], "mpi": ["mpi4py>=3.1"]},
+    entry_points={
+        "console_scripts": [
+            "megatron-ls-pretrain-gpt=pretrain_gpt_ls:cli",
+        ]
+    },
     license="Apache-2.0",
 )

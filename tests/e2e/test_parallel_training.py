@@ -63,3 +63,10 @@ def test_tp2_pp2_matches_and_resumes_exactly(corpus_prefix, reference_losses, tm
     losses = {**iteration_losses(first.stdout), **iteration_losses(resumed.stdout)}
     assert sorted(iteration_losses(resumed.stdout)) == [3, 4]
     _assert_same(losses, reference_losses, "tp2xpp2 with resume")
+
+
+def test_deepspeed_launcher_runs_data_parallel(corpus_prefix, reference_losses):
+    cmd = pretrain_cmd(corpus_prefix, *LAYOUT_FLAGS, *vocab_flags(1), "--zero-stage", "1")
+    proc = run_cli([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", *cmd[1:]], timeout=400)
+    assert "world size 2 (TP=1 PP=1 DP=2)" in proc.stdout
+    _assert_same(iteration_losses(proc.stdout), reference_losses, "deepspeed launcher, DP=2")

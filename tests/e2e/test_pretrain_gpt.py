@@ -93,3 +93,8 @@ def test_invalid_flags_fail_before_training(corpus_prefix):
     assert proc.returncode == 2 and "--global-batch-size 3" in proc.stderr
     proc = run_cli(pretrain_cmd(corpus_prefix, "--num-attention-heads", "3"), check=False)
     assert proc.returncode == 2 and "--num-attention-heads" in proc.stderr
+    proc = run_cli(pretrain_cmd(corpus_prefix, "--tensor-model-parallel-size", "2"), check=False)
+    assert proc.returncode == 2 and "world size 1 is not divisible by tensor (2)" in proc.stderr
+    proc = run_cli(pretrain_cmd(corpus_prefix, "--pipeline-model-parallel-size", "1", "--num-layers", "3",
+                                "--full-attention-layers", "3"), check=False)
+    assert proc.returncode == 2 and "--full-attention-layers [3] out of range" in proc.stderr
