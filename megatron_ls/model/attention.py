@@ -25,7 +25,7 @@ from megatron_ls.parallel.utils import divide
 def _model_parallel_rng():
     """Dropout on sharded heads must differ across TP ranks: draw it from the model-parallel stream."""
     tracker = get_rng_tracker()
-    if ps.get_tensor_model_parallel_world_size() > 1 and "model-parallel-rng" in tracker.get_states():
+    if ps.get_tensor_model_parallel_world_size() > 1 and "model-parallel-rng" in tracker:
         return tracker.fork("model-parallel-rng")
     return contextlib.nullcontext()
 

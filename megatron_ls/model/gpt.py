@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from megatron_ls.config import TransformerConfig
@@ -13,6 +12,7 @@ from megatron_ls.model.transformer import TransformerLayer
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.init import init_method_normal
 from megatron_ls.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
+from megatron_ls.parallel.random import checkpoint as rng_checkpoint
 
 
 class GPTEmbedding(nn.Module):
@@ -77,7 +77,8 @@ class GPTModel(nn.Module):
         h = self.embedding(tokens)
         for layer in self.layers:
             if self.config.recompute_activations and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+                # Restores the TP tracker's RNG too, so recomputed attention dropout draws the same mask.
+                h = rng_checkpoint(layer, h)
             else:
                 h = layer(h)
         logits = self.embedding.lm_logits(self.final_layernorm(h))

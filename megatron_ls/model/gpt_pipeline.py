@@ -51,6 +51,9 @@ def build_gpt_pipeline(config: TransformerConfig, activation_checkpoint_interval
     interval = activation_checkpoint_interval
     if interval is None:
         interval = 1 if config.recompute_activations else 0
+    from megatron_ls.parallel.random import checkpoint as rng_checkpoint
+
     return PipelineModule(layers=specs, loss_fn=pipeline_loss,
                           topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
-                          partition_method="type:TransformerLayer", activation_checkpoint_interval=interval)
+                          partition_method="type:TransformerLayer", activation_checkpoint_interval=interval,
+                          activation_checkpoint_func=rng_checkpoint)
