@@ -136,16 +136,16 @@ def _add_(scores: torch.Tensor, bias: torch.Tensor, inplace: bool) -> torch.Tens
     return scores.add_(bias) if inplace else scores + bias
 
 
-def tile_scores(plan: Plan, q_s: torch.Tensor, k_slabs: Optional[torch.Tensor], k_glob: Optional[torch.Tensor],
+def tile_scores(plan: Plan, qx: torch.Tensor, k_slabs: Optional[torch.Tensor], k_glob: Optional[torch.Tensor],
                 b0: int, m: int, inplace: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
     """Masked scores of one tile: local (Z, m, tq, slab) and global (Z, m, tq, g_tile), -inf where not visible.
 
-    ``q_s`` is the scaled, block-padded query (Z, nb·tq, D); ``k_slabs`` the unfold view (Z, nb', D, slab);
-    ``k_glob`` (Z, G, D). Returns (local scores or None, global scores or None, g_tile).
+    ``qx`` is the block-padded query (Z, nb·tq, D); ``k_slabs`` the unfold view (Z, nb', D, slab) and
+    ``k_glob`` (Z, G, D) of the keys, both already multiplied by the softmax scale. Returns (local scores or None, global scores or None, g_tile).
     """
-    z, tq, bsz, nh = q_s.shape[0], plan.tq, plan.b, plan.h
+    z, tq, bsz, nh = qx.shape[0], plan.tq, plan.b, plan.h
     t0, t1 = b0 * tq, (b0 + m) * tq
-    qt = q_s[:, t0:t1].reshape(z, m, tq, -1)
+    qt = qx[:, t0:t1].reshape(z, m, tq, -1)
     s_loc = None
     if plan.has_local:
         s_loc = torch.matmul(qt, k_slabs[:, b0:b0 + m])
@@ -159,8 +159,8 @@ def tile_scores(plan: Plan, q_s: torch.Tensor, k_slabs: Optional[torch.Tensor], 
         if g_tile > 0:
             s_glb = torch.matmul(qt.reshape(z, m * tq, -1), k_glob[:, :g_tile].transpose(1, 2))
             if g_tile > g_full:  # causal: chunks only some queries of the tile may see
-                t = torch.arange(t0, t1, device=q_s.device)[:, None] // plan.segment_len
-                ch = torch.arange(g_full, g_tile, device=q_s.device)[None, :] // plan.rank
+                t = torch.arange(t0, t1, device=qx.device)[:, None] // plan.segment_len
+                ch = torch.arange(g_full, g_tile, device=qx.device)[None, :] // plan.rank
                 part = _bias(ch < t, plan.cd)
                 if inplace:
                     s_glb[:, :, g_full:].add_(part)
@@ -180,23 +180,35 @@ def _row_max(s_loc: Optional[torch.Tensor], s_glb: Optional[torch.Tensor]) -> to
     return mx.masked_fill(mx == NEG_INF, 0.0)
 
 
+def _rows(x: torch.Tensor, z: int, n: int, rows: int, cd: torch.dtype) -> torch.Tensor:
+    """(B, H, n, D) -> (Z, rows, D) in dtype cd, zero rows appended; a free view when nothing changes."""
+    flat = x.reshape(z, n, x.shape[-1]).to(cd)
+    return flat if rows == n else F.pad(flat, (0, 0, 0, rows - n))
+
+
 class _Inputs:
-    """Compute-dtype, block-padded, flattened (Z = B·H) views of the core inputs."""
+    """Compute-dtype, block-padded, flattened (Z = B·H) views of the core inputs.
+
+    The softmax scale is folded into the key copies (which exist anyway for the slab padding), so the query
+    needs no copy at all when it is already contiguous in the compute dtype and N is a multiple of the block.
+    """
 
     def __init__(self, plan: Plan, q, k_loc, v_loc, k_glob, v_glob):
         z, n, cd = plan.b * plan.h, plan.n, plan.cd
-        nq = plan.nb * plan.tq
-        self.q_s = F.pad(q.reshape(z, n, -1).to(cd) * plan.scale, (0, 0, 0, nq - n))
+        self.q = _rows(q, z, n, plan.nb * plan.tq, cd)
         self.k_slabs = self.v_slabs = None
         if plan.has_local:
-            grow = (0, 0, plan.pad_left, plan.key_len - plan.pad_left - n)
-            self.k_pad = F.pad(k_loc.reshape(z, n, -1).to(cd), grow)
-            self.v_pad = F.pad(v_loc.reshape(z, n, -1).to(cd), grow)
+            lo, hi = plan.pad_left, plan.pad_left + n
+            self.k_pad = q.new_zeros(z, plan.key_len, plan.d, dtype=cd)
+            self.v_pad = q.new_zeros(z, plan.key_len, plan.d, dtype=cd)
+            self.k_pad[:, lo:hi] = k_loc.reshape(z, n, plan.d)
+            self.k_pad[:, lo:hi] *= plan.scale
+            self.v_pad[:, lo:hi] = v_loc.reshape(z, n, plan.d)
             self.k_slabs = self.k_pad.unfold(1, plan.slab, plan.tq)  # (Z, nb', D, slab)
             self.v_slabs = self.v_pad.unfold(1, plan.slab, plan.tq)
         self.k_glob = self.v_glob = None
         if plan.has_global:
-            self.k_glob = k_glob.reshape(z, plan.n_global, -1).to(cd)
+            self.k_glob = k_glob.reshape(z, plan.n_global, -1).to(cd) * plan.scale
             self.v_glob = v_glob.reshape(z, plan.n_global, -1).to(cd)
 
 
@@ -210,7 +222,7 @@ class LongShortCore(torch.autograd.Function):
         out = torch.zeros(z, plan.nb * tq, plan.d, dtype=plan.cd, device=q.device)
         lse = torch.empty(z, plan.nb * tq, dtype=plan.cd, device=q.device)
         for b0, m in plan.tiles():
-            s_loc, s_glb, g_tile = tile_scores(plan, x.q_s, x.k_slabs, x.k_glob, b0, m, inplace=True)
+            s_loc, s_glb, g_tile = tile_scores(plan, x.q, x.k_slabs, x.k_glob, b0, m, inplace=True)
             t0, t1 = b0 * tq, (b0 + m) * tq
             if s_loc is None and s_glb is None:  # causal projection-only, first chunk: nothing visible
                 lse[:, t0:t1] = float("inf")
@@ -246,10 +258,8 @@ class LongShortCore(torch.autograd.Function):
         x = _Inputs(plan, q, k_loc, v_loc, k_glob, v_glob)
         z, tq, n, d, cd = plan.b * plan.h, plan.tq, plan.n, plan.d, plan.cd
         nq = plan.nb * tq
-        g_o = F.pad(grad_out.reshape(z, n, d).to(cd), (0, 0, 0, nq - n))
-        o_pad = F.pad(out.reshape(z, n, d).to(cd), (0, 0, 0, nq - n))
-        delta = (g_o * o_pad).sum(-1)  # rowsum(dO ∘ O), (Z, nq)
-        del o_pad
+        g_o = _rows(grad_out, z, n, nq, cd)
+        o_flat = out.reshape(z, n, d)
         dq = torch.zeros(z, nq, d, dtype=cd, device=q.device)
         if plan.has_local:
             dk_pad = torch.zeros(z, plan.key_len // tq, tq, d, dtype=cd, device=q.device)
@@ -259,38 +269,43 @@ class LongShortCore(torch.autograd.Function):
             dv_g = torch.zeros_like(dk_g)
         for b0, m in plan.tiles():
             t0, t1 = b0 * tq, (b0 + m) * tq
-            s_loc, s_glb, g_tile = tile_scores(plan, x.q_s, x.k_slabs, x.k_glob, b0, m, inplace=True)
+            s_loc, s_glb, g_tile = tile_scores(plan, x.q, x.k_slabs, x.k_glob, b0, m, inplace=True)
             if s_loc is None and s_glb is None:
                 continue
             lse_t = lse[:, t0:t1].view(z, m, tq, 1)
             do_t = g_o[:, t0:t1].view(z, m, tq, d)
-            dl_t = delta[:, t0:t1].view(z, m, tq, 1)
-            qs_t = x.q_s[:, t0:t1].view(z, m, tq, d)
+            # rowsum(dO ∘ O) per tile (rows past N have dO = 0, so delta = 0 there)
+            dl_t = torch.zeros(z, m * tq, dtype=cd, device=q.device)
+            real = min(t1, n) - t0
+            dl_t[:, :real] = (g_o[:, t0:t0 + real] * o_flat[:, t0:t0 + real].to(cd)).sum(-1)
+            dl_t = dl_t.view(z, m, tq, 1)
+            q_t = x.q[:, t0:t1].view(z, m, tq, d)
             dq_t = dq[:, t0:t1].view(z, m, tq, d)
             if s_loc is not None:
                 p = s_loc.sub_(lse_t).exp_()
                 ds = torch.matmul(do_t, x.v_slabs[:, b0:b0 + m]).sub_(dl_t).mul_(p)
                 dq_t += torch.matmul(ds, x.k_slabs[:, b0:b0 + m].transpose(-1, -2))
-                _scatter_slabs(dk_pad, torch.matmul(ds.transpose(-1, -2), qs_t), b0, plan)
+                _scatter_slabs(dk_pad, torch.matmul(ds.transpose(-1, -2), q_t), b0, plan)
                 _scatter_slabs(dv_pad, torch.matmul(p.transpose(-1, -2), do_t), b0, plan)
             if s_glb is not None:
                 p = s_glb.sub_(lse_t).exp_().view(z, m * tq, g_tile)
-                do_f, qs_f = do_t.reshape(z, m * tq, d), qs_t.reshape(z, m * tq, d)
+                do_f, q_f = do_t.reshape(z, m * tq, d), q_t.reshape(z, m * tq, d)
                 ds = torch.matmul(do_f, x.v_glob[:, :g_tile].transpose(1, 2))
                 ds.sub_(dl_t.reshape(z, m * tq, 1)).mul_(p)
                 dq_t += torch.matmul(ds, x.k_glob[:, :g_tile]).view(z, m, tq, d)
-                dk_g[:, :g_tile] += torch.matmul(ds.transpose(1, 2), qs_f)
+                dk_g[:, :g_tile] += torch.matmul(ds.transpose(1, 2), q_f)
                 dv_g[:, :g_tile] += torch.matmul(p.transpose(1, 2), do_f)
+        # keys were scaled, so dq is already right; dk = scale · dsᵀ q. Slices are returned as views (no copy).
         shape = (plan.b, plan.h, n, d)
-        grads = [(dq[:, :n] * plan.scale).reshape(shape).to(q.dtype), None, None, None, None]
+        grads = [dq[:, :n].view(shape).to(q.dtype), None, None, None, None]
         if plan.has_local:
             lo, hi = plan.pad_left, plan.pad_left + n
-            grads[1] = dk_pad.view(z, -1, d)[:, lo:hi].reshape(shape).to(k_loc.dtype)
-            grads[2] = dv_pad.view(z, -1, d)[:, lo:hi].reshape(shape).to(v_loc.dtype)
+            grads[1] = dk_pad.view(z, -1, d)[:, lo:hi].mul_(plan.scale).view(shape).to(k_loc.dtype)
+            grads[2] = dv_pad.view(z, -1, d)[:, lo:hi].view(shape).to(v_loc.dtype)
         if plan.has_global:
             gshape = (plan.b, plan.h, plan.n_global, d)
-            grads[3] = dk_g.reshape(gshape).to(k_glob.dtype)
-            grads[4] = dv_g.reshape(gshape).to(v_glob.dtype)
+            grads[3] = dk_g.mul_(plan.scale).view(gshape).to(k_glob.dtype)
+            grads[4] = dv_g.view(gshape).to(v_glob.dtype)
         return (None, *grads)
 
 
@@ -312,9 +327,9 @@ def attention_with_dropout(plan: Plan, q, k_loc, v_loc, k_glob, v_glob, dropout_
     z, tq = plan.b * plan.h, plan.tq
     outs: List[torch.Tensor] = []
     for b0, m in plan.tiles():
-        s_loc, s_glb, g_tile = tile_scores(plan, x.q_s, x.k_slabs, x.k_glob, b0, m, inplace=False)
+        s_loc, s_glb, g_tile = tile_scores(plan, x.q, x.k_slabs, x.k_glob, b0, m, inplace=False)
         # start from 0·q so a tile without any visible key still joins the graph (with zero gradient)
-        o = x.q_s[:, b0 * tq:(b0 + m) * tq].reshape(z, m, tq, plan.d) * 0
+        o = x.q[:, b0 * tq:(b0 + m) * tq].reshape(z, m, tq, plan.d) * 0
         if s_loc is None and s_glb is None:
             outs.append(o.reshape(z, m * tq, plan.d))
             continue
