@@ -56,8 +56,10 @@ class Plan:
     pad_left: int  # zero keys in front of the sequence in the padded key buffer
     slab: int  # keys scored per query block
     key_len: int  # length of the padded key buffer (a multiple of tq)
-    local_keep: Optional[torch.Tensor] = None  # (B|1, nb, tq, slab) bool, or None if every slab is full
-    static_keep: Optional[torch.Tensor] = None  # (tq, slab) bool band shared by all full blocks
+    local_keep: Optional[torch.Tensor] = None  # (B|1, nb, tq, slab) bool: exact local visibility per block
+    static_bias: Optional[torch.Tensor] = None  # (tq, slab) 0/-inf band of a block whose slab keys all exist
+    static_all_visible: bool = False  # bidirectional: a full block sees its whole slab, no mask at all
+    block_full: Optional[List[bool]] = None  # per block: every key of its slab exists (no edge, no padding)
     global_key_valid: Optional[torch.Tensor] = None  # (B, G) bool, None when all global keys exist
 
     @property
@@ -115,13 +117,16 @@ def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segm
     if window > 0:
         a = torch.arange(tq, device=device)[:, None]
         c = torch.arange(slab, device=device)[None, :]
-        plan.static_keep = (c >= a) & (c <= a + window - 1) if causal else torch.ones(
+        static_keep = (c >= a) & (c <= a + window - 1) if causal else torch.ones(
             tq, slab, dtype=torch.bool, device=device)
+        plan.static_bias = _bias(static_keep, plan.cd)
+        plan.static_all_visible = not causal
         # keys that exist: inside [0, N) and not padding, laid out like the padded key buffer
         kvalid = torch.zeros(1 if pad is None else b, key_len, dtype=torch.bool, device=device)
         kvalid[:, pad_left:pad_left + n] = True if pad is None else ~pad
         kv_slab = kvalid.unfold(1, slab, tq)[:, :nb]  # (B|1, nb, slab)
-        plan.local_keep = plan.static_keep & kv_slab[:, :, None, :]
+        plan.local_keep = static_keep & kv_slab[:, :, None, :]
+        plan.block_full = kv_slab.all(dim=2).all(dim=0).tolist()
     if n_global > 0 and chunk_valid is not None and not bool(chunk_valid.all()):
         plan.global_key_valid = chunk_valid.repeat_interleave(rank, dim=1)
     return plan
@@ -149,10 +154,13 @@ def tile_scores(plan: Plan, qx: torch.Tensor, k_slabs: Optional[torch.Tensor], k
     s_loc = None
     if plan.has_local:
         s_loc = torch.matmul(qt, k_slabs[:, b0:b0 + m])
-        keep = plan.local_keep[:, b0:b0 + m]
-        s5 = s_loc.view(bsz, nh, m, tq, plan.slab)
-        s5 = _add_(s5, _bias(keep, plan.cd)[:, None], inplace)
-        s_loc = s5.view(z, m, tq, plan.slab)
+        if all(plan.block_full[b0:b0 + m]):  # interior tile: the shared band (or nothing) masks it
+            if not plan.static_all_visible:
+                s_loc = _add_(s_loc, plan.static_bias, inplace)
+        else:  # edge or padding: exact per-block mask
+            s5 = s_loc.view(bsz, nh, m, tq, plan.slab)
+            s5 = _add_(s5, _bias(plan.local_keep[:, b0:b0 + m], plan.cd)[:, None], inplace)
+            s_loc = s5.view(z, m, tq, plan.slab)
     s_glb, g_tile = None, 0
     if plan.has_global:
         g_full, g_tile = plan.global_range(t0, t1)
