@@ -65,7 +65,7 @@ def load_consolidated(directory: str) -> tuple[TransformerConfig, dict, dict]:
 
 def load_training_checkpoint_tp1(load_dir: str) -> tuple[TransformerConfig, dict, dict]:
     """(config, state dict, metadata) from a training checkpoint saved with TP=1 and PP=1 (any ZeRO stage < 3)."""
-    from megatron_ls.training.checkpointing import read_latest_tag, read_metadata, safe_torch_load
+    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata, safe_torch_load
 
     tag = read_latest_tag(load_dir)
     metadata = read_metadata(load_dir, tag)

@@ -40,14 +40,14 @@ def partition_dims(config: TransformerConfig) -> dict[str, Optional[int]]:
 
 
 def _load(path: str) -> dict:
-    from megatron_ls.training.checkpointing import safe_torch_load
+    from megatron_ls.checkpoint_files import safe_torch_load
 
     return safe_torch_load(path)
 
 
 def read_tp_shards(load_dir: str) -> tuple[TransformerConfig, list[dict], dict]:
     """(config, one GPTModel-named state dict per TP rank, metadata) of the checkpoint ``latest`` points at."""
-    from megatron_ls.training.checkpointing import read_latest_tag, read_metadata
+    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata
 
     tag = read_latest_tag(load_dir)
     metadata = read_metadata(load_dir, tag)
@@ -106,7 +106,7 @@ def shard_for_rank(full: dict, dims: dict[str, Optional[int]], tp: int, rank: in
 def write_training_checkpoint(save_dir: str, config: TransformerConfig, full: dict,
                               dims: dict[str, Optional[int]], tp: int, pp: int, metadata: dict) -> str:
     """Model-only checkpoint in DeepSpeed's file layout for TP x PP (load it with ``--load --finetune``)."""
-    from megatron_ls.training.checkpointing import (LATEST_FILE, METADATA_FILE, atomic_torch_save,
+    from megatron_ls.checkpoint_files import (LATEST_FILE, METADATA_FILE, atomic_torch_save,
                                                     atomic_write_text, checkpoint_tag)
 
     if config.num_layers % pp:

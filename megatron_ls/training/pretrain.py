@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
 from torch import nn
 

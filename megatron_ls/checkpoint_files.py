@@ -1,0 +1,120 @@
+"""Checkpoint files shared by training and inference: the `latest` marker, metadata, atomic writes, safe loads.
+
+Training (``megatron_ls.training.checkpointing``) writes checkpoints; inference and conversion
+(``megatron_ls.inference``) read them. Both use these helpers, so neither depends on the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+LATEST_FILE = "latest"
+METADATA_FILE = "megatron_ls.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded; the message names the path and the problem."""
+
+
+def checkpoint_tag(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old content or the new one, never a torn file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary name in the same directory, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed's own plain-data classes that appear inside its optimizer/scaler state dicts."""
+    found = []
+    candidates = [
+        ("deepspeed.runtime.fp16.loss_scaler", ["LossScaler", "DynamicLossScaler"]),
+        ("deepspeed.runtime.zero.config", ["ZeroStageEnum"]),
+        ("deepspeed.utils.tensor_fragment", ["fragment_address"]),
+        ("deepspeed.runtime.fp16.loss_scaler", ["LossScaleProfile"]),
+    ]
+    import importlib
+
+    for module_name, names in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found.extend(getattr(module, n) for n in names if hasattr(module, n))
+    import argparse
+    import collections
+
+    found.extend([argparse.Namespace, collections.OrderedDict, set, frozenset])
+    return found
+
+
+def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's data classes allow-listed; clear error on failure."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file {path} is missing") from exc
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded safely: {type(exc).__name__}: {exc}") from exc
+
+
+def read_latest_tag(load_dir: str) -> str:
+    """The tag named by ``load_dir/latest``, checked to point at a complete checkpoint."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir}: no such directory")
+    latest = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"--load {load_dir}: no '{LATEST_FILE}' marker, so no complete checkpoint to resume")
+    tag = open(latest).read().strip()
+    if not tag or os.sep in tag or not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"--load {load_dir}: '{LATEST_FILE}' names {tag!r}, which is not a checkpoint "
+                              f"directory there")
+    meta_path = os.path.join(load_dir, tag, METADATA_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"--load {load_dir}: {meta_path} is missing (incomplete checkpoint)")
+    return tag
+
+
+def read_metadata(load_dir: str, tag: str) -> dict:
+    path = os.path.join(load_dir, tag, METADATA_FILE)
+    try:
+        with open(path) as fh:
+            metadata = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint metadata {path} is unreadable: {exc}") from exc
+    for key in ("iteration", "consumed_samples"):
+        if not isinstance(metadata.get(key), int):
+            raise CheckpointError(f"checkpoint metadata {path} lacks an integer '{key}'")
+    return metadata
