@@ -56,7 +56,8 @@ class Plan:
     pad_left: int  # zero keys in front of the sequence in the padded key buffer
     slab: int  # keys scored per query block
     key_len: int  # length of the padded key buffer (a multiple of tq)
-    local_keep: Optional[torch.Tensor] = None  # (B|1, nb, tq, slab) bool: exact local visibility per block
+    static_keep: Optional[torch.Tensor] = None  # (tq, slab) bool: the in-window pattern of every block
+    slab_key_ok: Optional[torch.Tensor] = None  # (B|1, nb, slab) bool: slab key exists (in range, not padding)
     static_bias: Optional[torch.Tensor] = None  # (tq, slab) 0/-inf band of a block whose slab keys all exist
     static_all_visible: bool = False  # bidirectional: a full block sees its whole slab, no mask at all
     block_full: Optional[List[bool]] = None  # per block: every key of its slab exists (no edge, no padding)
@@ -119,13 +120,14 @@ def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segm
         c = torch.arange(slab, device=device)[None, :]
         static_keep = (c >= a) & (c <= a + window - 1) if causal else torch.ones(
             tq, slab, dtype=torch.bool, device=device)
+        plan.static_keep = static_keep
         plan.static_bias = _bias(static_keep, plan.cd)
         plan.static_all_visible = not causal
         # keys that exist: inside [0, N) and not padding, laid out like the padded key buffer
         kvalid = torch.zeros(1 if pad is None else b, key_len, dtype=torch.bool, device=device)
         kvalid[:, pad_left:pad_left + n] = True if pad is None else ~pad
         kv_slab = kvalid.unfold(1, slab, tq)[:, :nb]  # (B|1, nb, slab)
-        plan.local_keep = static_keep & kv_slab[:, :, None, :]
+        plan.slab_key_ok = kv_slab
         plan.block_full = kv_slab.all(dim=2).all(dim=0).tolist()
     if n_global > 0 and chunk_valid is not None and not bool(chunk_valid.all()):
         plan.global_key_valid = chunk_valid.repeat_interleave(rank, dim=1)
@@ -159,7 +161,8 @@ def tile_scores(plan: Plan, qx: torch.Tensor, k_slabs: Optional[torch.Tensor], k
                 s_loc = _add_(s_loc, plan.static_bias, inplace)
         else:  # edge or padding: exact per-block mask
             s5 = s_loc.view(bsz, nh, m, tq, plan.slab)
-            s5 = _add_(s5, _bias(plan.local_keep[:, b0:b0 + m], plan.cd)[:, None], inplace)
+            keep = plan.static_keep & plan.slab_key_ok[:, b0:b0 + m, None, :]  # (B|1, m, tq, slab)
+            s5 = _add_(s5, _bias(keep, plan.cd)[:, None], inplace)
             s_loc = s5.view(z, m, tq, plan.slab)
     s_glb, g_tile = None, 0
     if plan.has_global:
