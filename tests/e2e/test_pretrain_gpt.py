@@ -34,6 +34,9 @@ def test_resume_reproduces_uninterrupted_run(corpus_prefix, tmp_path):
                                  "--exit-interval", "3"))
     assert "exiting program at iteration 3" in first.stdout
     assert (ckpt / "latest").read_text().strip() == "iter_0000003"
+    # A later save that crashed half-way: its directory exists but `latest` was never moved to it.
+    (ckpt / "iter_0000005").mkdir()
+    (ckpt / "iter_0000005" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     resumed = run_cli(pretrain_cmd(corpus_prefix, *common, "--load", str(ckpt), "--save", str(ckpt)))
     resumed_losses = iteration_losses(resumed.stdout)
     assert sorted(resumed_losses) == [4, 5, 6]
@@ -98,3 +101,41 @@ def test_invalid_flags_fail_before_training(corpus_prefix):
     proc = run_cli(pretrain_cmd(corpus_prefix, "--pipeline-model-parallel-size", "1", "--num-layers", "3",
                                 "--full-attention-layers", "3"), check=False)
     assert proc.returncode == 2 and "--full-attention-layers [3] out of range" in proc.stderr
+
+
+def test_recompute_activations_keeps_the_losses(corpus_prefix):
+    flags = ("--train-iters", "3", "--hidden-dropout", "0", "--attention-dropout", "0")
+    plain = iteration_losses(run_cli(pretrain_cmd(corpus_prefix, *flags)).stdout)
+    recomputed = iteration_losses(run_cli(pretrain_cmd(corpus_prefix, *flags, "--recompute-activations")).stdout)
+    assert recomputed == pytest.approx(plain, rel=1e-6)
+
+
+def test_sliding_evaluation_scores_every_token_once(corpus_prefix, tmp_path):
+    import json
+    import sys
+
+    import torch
+
+    from megatron_ls.inference import load_gpt_model
+
+    ckpt = tmp_path / "ckpt"
+    run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "3", "--save", str(ckpt)))
+    results = {}
+    for stride in (127, 32):
+        out = tmp_path / f"eval_{stride}.json"
+        run_cli([sys.executable, "tools/evaluate.py", "--load", str(ckpt), "--data-path", corpus_prefix,
+                 "--split", "90,8,2", "--stride", str(stride), "--max-tokens", "1017", "--json", str(out)])
+        results[stride] = json.loads(out.read_text())
+        assert results[stride]["tokens"] == 1016  # every token after the first, exactly once
+    # stride = window - 1 and 1016 = 8 x 127 predictions: eight disjoint windows; recompute them directly.
+    from tools.evaluate import split_token_stream
+
+    tokens = torch.from_numpy(split_token_stream(corpus_prefix, "90,8,2", "test")[:1017])
+    model, _, _ = load_gpt_model(str(ckpt))
+    total = 0.0
+    with torch.no_grad():
+        for begin in range(0, 1016, 127):
+            end = begin + 128
+            total += float(model(tokens[begin:end - 1][None], tokens[begin + 1:end][None]).sum())
+    assert results[127]["loss_nats"] == pytest.approx(total / 1016, rel=1e-5)
+    assert results[32]["loss_nats"] != results[127]["loss_nats"]

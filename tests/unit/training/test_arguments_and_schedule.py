@@ -43,6 +43,9 @@ def test_deepspeed_config_from_flags_and_user_json(tmp_path):
     (["--split", "a,b"], "--split"),
     (["--tokenizer-type", "SentencePieceTokenizer"], "--tokenizer-model"),
     (["--context-parallel-size", "2"], "not implemented"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers 3 is not divisible"),
+    (["--tensor-model-parallel-size", "3"], "world size 2 is not divisible by tensor (3)"),
+    (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], "--zero-stage 2 cannot be combined"),
 ])
 def test_invalid_flags_exit_2_with_the_flag_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
