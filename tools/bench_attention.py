@@ -101,25 +101,36 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_point(args, impl: str, causal: bool, n: int):
-    """Best forward and forward+backward wall time (seconds) over the repeats, after one warm-up."""
-    q, k, v, pl, g = make_inputs(args, n, causal, impl)
-    fwd, total = float("inf"), float("inf")
-    for it in range(args.repeats + 1):
-        for x in (q, k, v, pl):
-            if x is not None:
-                x.grad = None
-        _sync(args.device)
-        t0 = time.perf_counter()
-        out = run_once(args, impl, causal, q, k, v, pl)
-        _sync(args.device)
-        t1 = time.perf_counter()
-        out.backward(g)
-        _sync(args.device)
-        t2 = time.perf_counter()
-        if it > 0:  # the first iteration warms up kernels, thread pools and allocator
-            fwd, total = min(fwd, t1 - t0), min(total, t2 - t0)
-    return fwd, total
+def _time_once(args, impl: str, causal: bool, inputs):
+    q, k, v, pl, g = inputs
+    for x in (q, k, v, pl):
+        if x is not None:
+            x.grad = None
+    _sync(args.device)
+    t0 = time.perf_counter()
+    out = run_once(args, impl, causal, q, k, v, pl)
+    _sync(args.device)
+    t1 = time.perf_counter()
+    out.backward(g)
+    _sync(args.device)
+    return t1 - t0, time.perf_counter() - t0
+
+
+def time_points(args, impls, causal: bool, n: int):
+    """Best forward and forward+backward wall time (s) per implementation.
+
+    After one warm-up each, the implementations are timed in alternating rounds (order flipped every round),
+    so a burst of load from other processes hits both alike; the best of ``--repeats`` rounds is kept.
+    """
+    inputs = {impl: make_inputs(args, n, causal, impl) for impl in impls}
+    best = {impl: [float("inf"), float("inf")] for impl in impls}
+    for impl in impls:
+        _time_once(args, impl, causal, inputs[impl])  # warm-up: kernels, thread pools, allocator
+    for rnd in range(args.repeats):
+        for impl in (impls if rnd % 2 == 0 else impls[::-1]):
+            fwd, total = _time_once(args, impl, causal, inputs[impl])
+            best[impl] = [min(best[impl][0], fwd), min(best[impl][1], total)]
+    return best
 
 
 def _rss_kb(field: str) -> int:
@@ -214,6 +225,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_dirty() -> bool:
+    """True when the benchmarked code (ops, this tool) differs from the recorded commit."""
+    try:
+        res = subprocess.run(["git", "status", "--porcelain", "--", "megatron_ls/ops", "tools/bench_attention.py"],
+                             cwd=REPO, capture_output=True, text=True, check=True)
+        return bool(res.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return True
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -233,12 +254,12 @@ def main(argv=None) -> int:
         causal = mode == "causal"
         for n in args.seq_lens:
             point = {}
-            for impl in ("sdpa", "ls"):
-                if impl == "sdpa" and n > args.sdpa_max_len:
-                    continue
-                torch.manual_seed(0)
-                load = os.getloadavg()[0]  # a shared machine's load makes wall times noisy: keep it on record
-                fwd, total = time_point(args, impl, causal, n)
+            impls = ["ls"] if n > args.sdpa_max_len else ["sdpa", "ls"]
+            torch.manual_seed(0)
+            load = os.getloadavg()[0]  # a shared machine's load makes wall times noisy: keep it on record
+            times = time_points(args, impls, causal, n)
+            for impl in impls:
+                fwd, total = times[impl]
                 flops = 3.5 * 4 * args.batch * args.heads * args.head_dim * visible_pairs(args, n, causal, impl)
                 row = {"mode": mode, "impl": impl, "n": n, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": total * 1e3,
                        "useful_fwd_bwd_gflop": flops / 1e9,
@@ -254,7 +275,7 @@ def main(argv=None) -> int:
             print_row(point, on_gpu)
     result = {
         "device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
-        "git_commit": git_commit(), "threads": args.threads, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "git_commit": git_commit(), "git_dirty": git_dirty(), "threads": args.threads, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": {k: getattr(args, k) for k in ("batch", "heads", "head_dim", "window", "segment_len", "rank",
                                                  "dtype", "backend", "repeats", "modes")},
         "memory_method": ("cuda max_memory_allocated growth" if on_gpu else
