@@ -148,7 +148,8 @@ def tile_scores(plan: Plan, qx: torch.Tensor, k_slabs: Optional[torch.Tensor], k
     """Masked scores of one tile: local (Z, m, tq, slab) and global (Z, m, tq, g_tile), -inf where not visible.
 
     ``qx`` is the block-padded query (Z, nb·tq, D); ``k_slabs`` the unfold view (Z, nb', D, slab) and
-    ``k_glob`` (Z, G, D) of the keys, both already multiplied by the softmax scale. Returns (local scores or None, global scores or None, g_tile).
+    ``k_glob`` (Z, G, D) of the keys, both already multiplied by the softmax scale.
+    Returns (local scores or None, global scores or None, g_tile).
     """
     z, tq, bsz, nh = qx.shape[0], plan.tq, plan.b, plan.h
     t0, t1 = b0 * tq, (b0 + m) * tq
