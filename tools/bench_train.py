@@ -133,6 +133,14 @@ def _peak_rss_mb() -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
 
 
+def _load_average() -> Optional[list]:
+    """The machine's 1/5/15-minute load averages (other processes competing for the cores), if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -315,6 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(_RESULT_MARKER + json.dumps(row), flush=True)
         return row
     args._isolated = isolate
+    load_before = _load_average()
     raw: dict[tuple[int, str], list[dict]] = {(s, v): [] for s in args.seq_lengths for v in args.variants}
     for repeat in range(args.repeats):
         for seq in args.seq_lengths:
@@ -342,6 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "python_version": platform.python_version(),
         "git_commit": git_commit(),
         "isolated_processes": isolate,
+        "load_average_1_5_15min": {"before": load_before, "after": _load_average()},
         "memory_measure": ("torch.cuda.max_memory_allocated per point" if args.device.startswith("cuda") else
                            "ru_maxrss of the process that ran the point" + (
                                " (a fresh child per point); baseline_rss_mb = RSS before the model was built"
