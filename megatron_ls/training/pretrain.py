@@ -72,6 +72,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     t.resolve_global_batch_size(dp_size)
     ds_config = build_deepspeed_config(args, dp_size)
+    # A --deepspeed-config may override the stage: record what DeepSpeed really runs (checkpoints depend on it).
+    p.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", p.zero_stage))
     grad_accum = ds_config["gradient_accumulation_steps"]
 
     train_ds, valid_ds, test_ds, data_byte_level = datasets_provider(args, _num_samples(args))
