@@ -70,3 +70,17 @@ def test_deepspeed_launcher_runs_data_parallel(corpus_prefix, reference_losses):
     proc = run_cli([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", *cmd[1:]], timeout=400)
     assert "world size 2 (TP=1 PP=1 DP=2)" in proc.stdout
     _assert_same(iteration_losses(proc.stdout), reference_losses, "deepspeed launcher, DP=2")
+
+
+def test_dp2_zero3_resumes_exactly_with_dropout(corpus_prefix, tmp_path):
+    # ZeRO-3 partitions parameters and optimizer states over the two ranks; dropout stays on.
+    flags = ("--zero-stage", "3", "--train-iters", "4", "--global-batch-size", "4", "--micro-batch-size", "2")
+    full = iteration_losses(run_cli(torchrun_cmd(2, corpus_prefix, *flags, "--hidden-dropout", "0.1"),
+                                    timeout=400).stdout)
+    ckpt = tmp_path / "ckpt"
+    run_cli(torchrun_cmd(2, corpus_prefix, *flags, "--hidden-dropout", "0.1", "--save", str(ckpt),
+                         "--exit-interval", "2"), timeout=400)
+    resumed = iteration_losses(run_cli(torchrun_cmd(2, corpus_prefix, *flags, "--hidden-dropout", "0.1",
+                                                    "--load", str(ckpt)), timeout=400).stdout)
+    assert sorted(resumed) == [3, 4]
+    assert all(resumed[it] == full[it] for it in (3, 4)), (resumed, full)
