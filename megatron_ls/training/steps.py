@@ -26,8 +26,10 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
     """Global L2 norm of the gradients: TP shards summed over the TP group, stages over the PP group."""
     from megatron_ls.parallel import state as ps
 
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    # Accumulate on the parameters' device: NCCL cannot reduce CPU tensors.
+    device = next(module.parameters()).device
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
     skip = set()
     if ps.get_pipeline_model_parallel_rank() > 0:
         # A tied embedding lives on the first and the last stage: count it once.
@@ -35,7 +37,7 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
     for param in module.parameters():
         if param.grad is None or id(param) in skip:
             continue
-        sq = param.grad.detach().double().pow(2).sum().cpu()
+        sq = param.grad.detach().double().pow(2).sum()
         if getattr(param, "tensor_model_parallel", False):
             sharded += sq
         else:
