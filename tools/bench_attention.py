@@ -176,7 +176,8 @@ def measure_memory(args, impl: str, causal: bool, n: int) -> float:
            "--window", str(args.window), "--segment-len", str(args.segment_len), "--rank", str(args.rank),
            "--dtype", args.dtype, "--device", args.device, "--backend", args.backend,
            "--threads", str(args.threads), "--seq-lens", str(n)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"memory subprocess for {impl} N={n} failed:\n{res.stderr[-2000:]}")
     return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"])
@@ -271,11 +272,13 @@ def main(argv=None) -> int:
             if "sdpa" in point:
                 point["ls"]["speedup_vs_sdpa"] = point["sdpa"]["fwd_bwd_ms"] / point["ls"]["fwd_bwd_ms"]
                 if point["ls"]["peak_extra_mib"] is not None and point["sdpa"]["peak_extra_mib"]:
-                    point["ls"]["memory_vs_sdpa"] = point["ls"]["peak_extra_mib"] / point["sdpa"]["peak_extra_mib"]
+                    ls_mib, sdpa_mib = point["ls"]["peak_extra_mib"], point["sdpa"]["peak_extra_mib"]
+                    point["ls"]["memory_vs_sdpa"] = ls_mib / sdpa_mib
             print_row(point, on_gpu)
     result = {
         "device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
-        "git_commit": git_commit(), "git_dirty": git_dirty(), "threads": args.threads, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "git_commit": git_commit(), "git_dirty": git_dirty(), "threads": args.threads,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": {k: getattr(args, k) for k in ("batch", "heads", "head_dim", "window", "segment_len", "rank",
                                                  "dtype", "backend", "repeats", "modes")},
         "memory_method": ("cuda max_memory_allocated growth" if on_gpu else
@@ -305,8 +308,9 @@ def print_row(point, on_gpu: bool) -> None:
               f"{'MiB':>8} | {'speedup':>7}" + (f" | {'TFLOP/s SDPA':>12} {'LS':>6}" if on_gpu else ""))
         _HEADER_DONE.append(True)
     s, l = point.get("sdpa", {}), point["ls"]
-    line = (f"{l['mode']:>13} {l['n']:>7} | {_fmt(s.get('fwd_bwd_ms'), '15.1f')} {_fmt(s.get('peak_extra_mib'), '8.1f')}"
-            f" | {l['fwd_ms']:9.1f} {l['fwd_bwd_ms']:10.1f} {_fmt(l['peak_extra_mib'], '8.1f')} | "
+    line = (f"{l['mode']:>13} {l['n']:>7} | {_fmt(s.get('fwd_bwd_ms'), '15.1f')} "
+            f"{_fmt(s.get('peak_extra_mib'), '8.1f')} | {l['fwd_ms']:9.1f} {l['fwd_bwd_ms']:10.1f} "
+            f"{_fmt(l['peak_extra_mib'], '8.1f')} | "
             f"{_fmt(l.get('speedup_vs_sdpa'), '6.2f')}x")
     if on_gpu:
         line += f" | {_fmt(s.get('tflops'), '12.1f')} {_fmt(l['tflops'], '6.1f')}"

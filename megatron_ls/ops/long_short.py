@@ -97,8 +97,9 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
 
     chosen = select_backend(backend, q, dropout_p)
     if window == 0 and n_global == 0:
-        # causal projection-only with N <= segment_len: no query sees any key; keep the graph connected
-        out = q * 0
+        # causal projection-only with N <= segment_len: no query sees any key. Tie every input in with a zero
+        # gradient (not None) so optimizers and ZeRO see the same parameters used at every length.
+        out = (q + k + v + proj_logits.sum(dim=-1, keepdim=True)) * 0
     elif chosen == "flex":
         if dropout_p > 0:
             raise ValueError(f"backend='flex' does not support dropout_p > 0 (got {dropout_p}); "

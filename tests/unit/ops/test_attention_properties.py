@@ -88,10 +88,29 @@ def test_causal_projection_only_first_chunk_is_zero():
     pl = _rand(1, 1, 10, 2, seed=3).requires_grad_()
     out = long_short_attention(q, k, v, pl, window=0, causal=True, segment_len=4)
     assert out[:, :, :4].eq(0).all() and out[:, :, 4:].abs().sum() > 0
+    for x in (q, k, v, pl):
+        x.grad = None
     out = long_short_attention(q, k, v, pl, window=0, causal=True, segment_len=16)
     assert out.eq(0).all()
     out.sum().backward()
-    assert q.grad is not None and q.grad.eq(0).all()
+    for x in (q, k, v, pl):  # zero, not None: every input stays in the graph
+        assert x.grad is not None and x.grad.eq(0).all()
+
+
+def test_ops_never_import_torch_distributed():
+    """The ops layer is pure math: no process groups (DESIGN.md's one-way dependency rule)."""
+    import re
+
+    import megatron_ls.ops as ops_pkg
+    forbidden = re.compile(r"^\s*(from|import)\s+(torch\.distributed|torch\s+import\s+distributed|megatron_ls\."
+                           r"(parallel|model|training)|\.\.(parallel|model|training))|torch\.distributed\.\w+",
+                           re.M)
+    files = list(Path(ops_pkg.__file__).parent.glob("*.py"))
+    assert len(files) >= 5
+    for path in files:
+        hit = forbidden.search(path.read_text())
+        assert hit is None, f"{path.name}: {hit.group(0)!r}"
+    assert forbidden.search("import torch.distributed as dist") and forbidden.search("torch.distributed.all_reduce(x)")
 
 
 def _args(**over):
