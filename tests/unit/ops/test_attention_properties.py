@@ -213,3 +213,32 @@ def test_full_attention_errors():
         full_attention(q, q, q, causal=True, key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="k shape"):
         full_attention(q, q[:, :, :4], q, causal=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_saves_only_linear_memory(causal):
+    """The flash-style core saves O(N·D) for backward (inputs, output, logsumexp), never tile probabilities.
+
+    Counted with saved-tensor hooks at N = 8192, l = 16: a causal tile-probability cache alone would be
+    N·N/l = 512·N elements per head, i.e. 32·N·D here. The dropout path, which must keep probabilities, is the
+    contrast that shows the count is meaningful.
+    """
+    b, h, n, d = 1, 2, 8192, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    pl = torch.randn(b, h, n, 1, requires_grad=True)
+    ln_l, ln_g = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def saved_elements(dropout_p):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.numel())] = t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            long_short_attention(q, k, v, pl, window=64, causal=causal, segment_len=16 if causal else None,
+                                 local_norm=ln_l, global_norm=ln_g, dropout_p=dropout_p)
+        return sum(seen.values()) / (b * h * n * d)
+
+    assert saved_elements(0.0) < 12
+    assert saved_elements(0.1) > 5 * saved_elements(0.0)
