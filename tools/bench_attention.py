@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_ls.ops import long_short_attention  # noqa: E402
+from tools.bench_common import device_name, git_commit, git_dirty  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -205,37 +205,6 @@ def visible_pairs(args, n: int, causal: bool, impl: str) -> int:
     return pairs
 
 
-def device_name(dev: str) -> str:
-    if dev.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(dev))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def git_dirty() -> bool:
-    """True when the benchmarked code (ops, this tool) differs from the recorded commit."""
-    try:
-        res = subprocess.run(["git", "status", "--porcelain", "--", "megatron_ls/ops", "tools/bench_attention.py"],
-                             cwd=REPO, capture_output=True, text=True, check=True)
-        return bool(res.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return True
-
-
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -277,7 +246,8 @@ def main(argv=None) -> int:
             print_row(point, on_gpu)
     result = {
         "device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
-        "git_commit": git_commit(), "git_dirty": git_dirty(), "threads": args.threads,
+        "git_commit": git_commit() or "unknown",
+        "git_dirty": git_dirty(["megatron_ls/ops", "tools/bench_attention.py"]), "threads": args.threads,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": {k: getattr(args, k) for k in ("batch", "heads", "head_dim", "window", "segment_len", "rank",
                                                  "dtype", "backend", "repeats", "modes")},

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,19 +29,9 @@ from megatron_ls.data.gpt_dataset import build_gpt_datasets  # noqa: E402
 from megatron_ls.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from megatron_ls.data.preprocess import main as preprocess_main  # noqa: E402
 from megatron_ls.data.sample_corpus import collect_documents  # noqa: E402
+from tools.bench_common import git_commit, git_dirty  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def git_commit() -> str:
-    """The repository's HEAD commit (with ``-dirty`` when data files differ), or ``unknown``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "megatron_ls/data", "tools/bench_data.py"],
-                               cwd=REPO, capture_output=True, text=True, check=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _cpu_seconds() -> float:
@@ -166,7 +155,8 @@ def main(argv=None) -> dict:
         acc = bench_access(tmp, args.dataset_tokens, args.seq_length, args.num_samples, args.access_samples)
     result = {
         "benchmark": "bench_data",
-        "git_commit": git_commit(),
+        "git_commit": (git_commit() or "unknown")
+        + ("-dirty" if git_dirty(["megatron_ls/data", "tools/bench_data.py"]) else ""),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

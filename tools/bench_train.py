@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from megatron_ls.config import TransformerConfig  # noqa: E402
 from megatron_ls.training.metrics import model_flops_per_token  # noqa: E402
+from tools.bench_common import device_name, git_commit  # noqa: E402
 
 VARIANTS = ("ls", "full")
 _RESULT_MARKER = "BENCH_TRAIN_POINT "
@@ -252,30 +253,6 @@ def run_point_in_child(argv: Sequence[str], seq_length: int, variant: str) -> di
     status = "oom" if proc.returncode in (-9, 137) else "error"  # the kernel's OOM killer sends SIGKILL
     return {"seq_length": seq_length, "variant": variant, "status": status, "returncode": proc.returncode,
             "error": " | ".join(tail)[-500:]}
-
-
-def device_name(device: str) -> str:
-    """Human-readable name of the benchmarked device (GPU model, or the CPU model string)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> Optional[str]:
-    """``git rev-parse HEAD`` of the repository this tool lives in (None outside git)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def speedups(rows: Sequence[dict]) -> dict:
