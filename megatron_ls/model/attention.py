@@ -16,6 +16,7 @@ from megatron_ls.config import TransformerConfig
 from megatron_ls.model.norms import HeadwiseLayerNorm
 from megatron_ls.ops import full_attention, long_short_attention
 from megatron_ls.parallel import state as ps
+from megatron_ls.parallel.context_parallel import cp_full_attention, cp_long_short_attention, get_context_layout
 from megatron_ls.parallel.init import init_method_normal, scaled_init_method_normal
 from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_ls.parallel.random import get_rng_tracker
@@ -65,22 +66,32 @@ class SelfAttention(nn.Module):
                 self.global_norm = HeadwiseLayerNorm(self.num_heads, self.head_dim, eps)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Under context parallelism ``x`` and the mask hold this rank's tokens (see ``parallel.cp_layout``)."""
         b, n, _ = x.shape
         mixed = self.qkvp(x).view(b, n, self.num_heads, self.per_head).transpose(1, 2)  # (B, H, N, 3D + r)
         d = self.head_dim
         q, k, v = mixed[..., :d], mixed[..., d:2 * d], mixed[..., 2 * d:3 * d]
         dropout_p = self.config.attention_dropout if self.training else 0.0
+        cp = ps.get_context_parallel_world_size()
         with _model_parallel_rng():
             if self.full:
-                ctx = full_attention(q, k, v, causal=self.config.causal, key_padding_mask=key_padding_mask,
-                                     dropout_p=dropout_p)
+                if cp > 1:
+                    ctx = cp_full_attention(q, k, v, layout=get_context_layout(n * cp), causal=self.config.causal,
+                                            key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+                else:
+                    ctx = full_attention(q, k, v, causal=self.config.causal, key_padding_mask=key_padding_mask,
+                                         dropout_p=dropout_p)
             else:
                 proj_logits = mixed[..., 3 * d:] if self.rank > 0 else None
-                ctx = long_short_attention(
-                    q, k, v, proj_logits, window=self.window, causal=self.config.causal,
-                    segment_len=self.config.segment_length if self.rank > 0 else None,
-                    key_padding_mask=key_padding_mask, local_norm=self.local_norm, global_norm=self.global_norm,
-                    dropout_p=dropout_p, backend=self.config.attention_backend)
+                kwargs = dict(window=self.window, causal=self.config.causal,
+                              segment_len=self.config.segment_length if self.rank > 0 else None,
+                              key_padding_mask=key_padding_mask, local_norm=self.local_norm,
+                              global_norm=self.global_norm, dropout_p=dropout_p,
+                              backend=self.config.attention_backend)
+                if cp > 1:
+                    ctx = cp_long_short_attention(q, k, v, proj_logits, layout=get_context_layout(n * cp), **kwargs)
+                else:
+                    ctx = long_short_attention(q, k, v, proj_logits, **kwargs)
         ctx = ctx.transpose(1, 2).reshape(b, n, self.num_heads * d)
         return self.dense(ctx)
 

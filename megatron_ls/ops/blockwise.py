@@ -62,6 +62,11 @@ class Plan:
     static_all_visible: bool = False  # bidirectional: a full block sees its whole slab, no mask at all
     block_full: Optional[List[bool]] = None  # per block: every key of its slab exists (no edge, no padding)
     global_key_valid: Optional[torch.Tensor] = None  # (B, G) bool, None when all global keys exist
+    # Context parallelism: the local keys carry halo_left keys before and halo_right keys after the query span,
+    # and query i sits at global position q_offset + i (only the causal chunk rule needs it).
+    q_offset: int = 0
+    halo_left: int = 0
+    halo_right: int = 0
 
     @property
     def has_local(self) -> bool:
@@ -70,6 +75,11 @@ class Plan:
     @property
     def has_global(self) -> bool:
         return self.n_global > 0
+
+    @property
+    def key_span(self) -> Tuple[int, int]:
+        """Where the local keys (halos included) sit in the padded key buffer."""
+        return self.pad_left - self.halo_left, self.pad_left + self.n + self.halo_right
 
     def tiles(self) -> Iterator[Tuple[int, int]]:
         """(first block, number of blocks) of each query tile."""
@@ -81,19 +91,21 @@ class Plan:
         if not self.causal:
             return self.n_global, self.n_global
         chunks = self.n_global // self.rank
-        g_full = min(chunks, t0 // self.segment_len) * self.rank
-        g_tile = min(chunks, (t1 - 1) // self.segment_len) * self.rank
+        g_full = min(chunks, (self.q_offset + t0) // self.segment_len) * self.rank
+        g_tile = min(chunks, (self.q_offset + t1 - 1) // self.segment_len) * self.rank
         return g_full, g_tile
 
 
 def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segment_len: int, rank: int,
               n_global: int, scale: float, dtype: torch.dtype, device: torch.device,
               pad: Optional[torch.Tensor], chunk_valid: Optional[torch.Tensor],
-              block: Optional[int] = None, tile_queries: Optional[int] = None) -> Plan:
+              block: Optional[int] = None, tile_queries: Optional[int] = None, q_offset: int = 0,
+              halo_left: int = 0, halo_right: int = 0) -> Plan:
     """Build the :class:`Plan` (block geometry and masks) for one call.
 
     ``block`` (causal query block) and ``tile_queries`` default to the module's CAUSAL_BLOCK / TILE_QUERIES,
     read at call time so tests can shrink them to exercise many tiles on short sequences.
+    ``pad`` is the key padding mask over the ``halo_left + n + halo_right`` local keys (True = padding).
     """
     tile_queries = tile_queries or (TILE_QUERIES_CUDA if torch.device(device).type == "cuda" else TILE_QUERIES)
     if window > 0:
@@ -112,9 +124,13 @@ def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segm
     nb = -(-n // tq)
     slab_blocks = -(-slab // tq) if slab else 1
     key_len = (nb + slab_blocks - 1) * tq
+    if halo_left > pad_left or pad_left + n + halo_right > key_len:
+        raise ValueError(f"halo of {halo_left} + {halo_right} keys does not fit the window geometry "
+                         f"(at most {pad_left} before and {key_len - pad_left - n} after {n} queries)")
     plan = Plan(b=b, h=h, n=n, d=d, causal=causal, window=window, segment_len=segment_len, rank=rank,
                 n_global=n_global, scale=scale, cd=compute_dtype(dtype), tq=tq, nb=nb,
-                tile_blocks=max(1, tile_queries // tq), pad_left=pad_left, slab=slab, key_len=key_len)
+                tile_blocks=max(1, tile_queries // tq), pad_left=pad_left, slab=slab, key_len=key_len,
+                q_offset=q_offset, halo_left=halo_left, halo_right=halo_right)
     if window > 0:
         a = torch.arange(tq, device=device)[:, None]
         c = torch.arange(slab, device=device)[None, :]
@@ -125,7 +141,7 @@ def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segm
         plan.static_all_visible = not causal
         # keys that exist: inside [0, N) and not padding, laid out like the padded key buffer
         kvalid = torch.zeros(1 if pad is None else b, key_len, dtype=torch.bool, device=device)
-        kvalid[:, pad_left:pad_left + n] = True if pad is None else ~pad
+        kvalid[:, pad_left - halo_left:pad_left + n + halo_right] = True if pad is None else ~pad
         kv_slab = kvalid.unfold(1, slab, tq)[:, :nb]  # (B|1, nb, slab)
         plan.slab_key_ok = kv_slab
         plan.block_full = kv_slab.all(dim=2).all(dim=0).tolist()
@@ -171,7 +187,7 @@ def tile_scores(plan: Plan, qx: torch.Tensor, k_slabs: Optional[torch.Tensor], k
         if g_tile > 0:
             s_glb = torch.matmul(qt.reshape(z, m * tq, -1), k_glob[:, :g_tile].transpose(1, 2))
             if g_tile > g_full:  # causal: chunks only some queries of the tile may see
-                t = torch.arange(t0, t1, device=qx.device)[:, None] // plan.segment_len
+                t = (torch.arange(t0, t1, device=qx.device)[:, None] + plan.q_offset) // plan.segment_len
                 ch = torch.arange(g_full, g_tile, device=qx.device)[None, :] // plan.rank
                 part = _bias(ch < t, plan.cd)
                 if inplace:
@@ -210,12 +226,12 @@ class _Inputs:
         self.q = _rows(q, z, n, plan.nb * plan.tq, cd)
         self.k_slabs = self.v_slabs = None
         if plan.has_local:
-            lo, hi = plan.pad_left, plan.pad_left + n
+            lo, hi = plan.key_span
             self.k_pad = q.new_zeros(z, plan.key_len, plan.d, dtype=cd)
             self.v_pad = q.new_zeros(z, plan.key_len, plan.d, dtype=cd)
-            self.k_pad[:, lo:hi] = k_loc.reshape(z, n, plan.d)
+            self.k_pad[:, lo:hi] = k_loc.reshape(z, hi - lo, plan.d)
             self.k_pad[:, lo:hi] *= plan.scale
-            self.v_pad[:, lo:hi] = v_loc.reshape(z, n, plan.d)
+            self.v_pad[:, lo:hi] = v_loc.reshape(z, hi - lo, plan.d)
             self.k_slabs = self.k_pad.unfold(1, plan.slab, plan.tq)  # (Z, nb', D, slab)
             self.v_slabs = self.v_pad.unfold(1, plan.slab, plan.tq)
         self.k_glob = self.v_glob = None
@@ -311,9 +327,10 @@ class LongShortCore(torch.autograd.Function):
         shape = (plan.b, plan.h, n, d)
         grads = [dq[:, :n].view(shape).to(q.dtype), None, None, None, None]
         if plan.has_local:
-            lo, hi = plan.pad_left, plan.pad_left + n
-            grads[1] = dk_pad.view(z, -1, d)[:, lo:hi].mul_(plan.scale).view(shape).to(k_loc.dtype)
-            grads[2] = dv_pad.view(z, -1, d)[:, lo:hi].view(shape).to(v_loc.dtype)
+            lo, hi = plan.key_span
+            kshape = (plan.b, plan.h, hi - lo, d)
+            grads[1] = dk_pad.view(z, -1, d)[:, lo:hi].mul_(plan.scale).view(kshape).to(k_loc.dtype)
+            grads[2] = dv_pad.view(z, -1, d)[:, lo:hi].view(kshape).to(v_loc.dtype)
         if plan.has_global:
             gshape = (plan.b, plan.h, plan.n_global, d)
             grads[3] = dk_g.mul_(plan.scale).view(gshape).to(k_glob.dtype)

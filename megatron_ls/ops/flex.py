@@ -31,33 +31,42 @@ def _compiled_flex():
 
 
 def make_mask_mod(n: int, *, causal: bool, window: int, n_local: int, segment_len: int, rank: int,
-                  pad: Optional[torch.Tensor], chunk_valid: Optional[torch.Tensor]):
-    """The long-short visibility rule as a FlexAttention mask_mod over keys [local (n_local) ; global]."""
+                  pad: Optional[torch.Tensor], chunk_valid: Optional[torch.Tensor], halo_left: int = 0,
+                  q_offset: int = 0, query_pad: Optional[torch.Tensor] = None):
+    """The long-short visibility rule as a FlexAttention mask_mod over keys [local (n_local) ; global].
+
+    The local keys are ``halo_left`` keys before the ``n`` queries, the queries' own keys, then any halo after
+    them (context parallelism); ``pad`` (B, n_local) marks padded local keys, ``query_pad`` (B, n) padded
+    queries (default: ``pad`` when there is no halo), and query ``i`` sits at global position ``q_offset + i``.
+    """
     e = (window + 1) // 2
     n_chunks = 0 if chunk_valid is None else chunk_valid.shape[1]
+    if query_pad is None and pad is not None and n_local == n:
+        query_pad = pad
 
     def mask_mod(b, h, q_idx, kv_idx):
         is_local = kv_idx < n_local
+        kpos = kv_idx - halo_left  # key position relative to the first query
         if window > 0:
             if causal:
-                local = (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+                local = (kpos <= q_idx) & (kpos > q_idx - window)
             else:
                 start = (q_idx // window) * window - e
-                local = (kv_idx >= start) & (kv_idx < start + window + 2 * e)
+                local = (kpos >= start) & (kpos < start + window + 2 * e)
             if pad is not None:
-                local = local & ~pad[b, kv_idx.clamp(max=n - 1)]
+                local = local & ~pad[b, kv_idx.clamp(max=n_local - 1)]
         else:
             local = kv_idx < 0  # all False, as a tensor
         g = (kv_idx - n_local).clamp(min=0)
         if causal:
-            glob = (g // max(rank, 1)) < (q_idx // max(segment_len, 1))
+            glob = (g // max(rank, 1)) < ((q_idx + q_offset) // max(segment_len, 1))
             if chunk_valid is not None and n_chunks > 0:
                 glob = glob & chunk_valid[b, (g // max(rank, 1)).clamp(max=n_chunks - 1)]
         else:
             glob = kv_idx >= n_local
         keep = torch.where(is_local, local, glob)
-        if pad is not None:
-            keep = keep & ~pad[b, q_idx]
+        if query_pad is not None:
+            keep = keep & ~query_pad[b, q_idx]
         return keep
 
     return mask_mod
@@ -65,9 +74,9 @@ def make_mask_mod(n: int, *, causal: bool, window: int, n_local: int, segment_le
 
 @functools.lru_cache(maxsize=16)
 def _static_block_mask(n: int, n_keys: int, causal: bool, window: int, n_local: int, segment_len: int, rank: int,
-                       device: str):
+                       device: str, halo_left: int = 0, q_offset: int = 0):
     mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
-                             rank=rank, pad=None, chunk_valid=None)
+                             rank=rank, pad=None, chunk_valid=None, halo_left=halo_left, q_offset=q_offset)
     dev = torch.device(device)
     return create_block_mask(mask_mod, None, None, n, n_keys, device=dev, _compile=dev.type == "cuda")
 
@@ -75,10 +84,12 @@ def _static_block_mask(n: int, n_keys: int, causal: bool, window: int, n_local: 
 def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optional[torch.Tensor],
                     k_glob: Optional[torch.Tensor], v_glob: Optional[torch.Tensor], *, causal: bool, window: int,
                     segment_len: int, rank: int, pad: Optional[torch.Tensor],
-                    chunk_valid: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                    chunk_valid: Optional[torch.Tensor], scale: float, halo_left: int = 0, q_offset: int = 0,
+                    query_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Long-short attention through one FlexAttention call; same arguments as the torch core.
 
-    Rows with no visible key come back as 0 (FlexAttention's convention for fully masked rows).
+    ``pad`` masks the local keys (halos included), ``query_pad`` the queries. Rows with no visible key come
+    back as 0 (FlexAttention's convention for fully masked rows).
     """
     if not flex_available():
         raise RuntimeError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
@@ -91,15 +102,16 @@ def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optio
     vals = [t for t in (v_loc, v_glob) if t is not None]
     key = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
     val = vals[0] if len(vals) == 1 else torch.cat(vals, dim=2)
-    n_local = n if k_loc is not None else 0
+    n_local = k_loc.shape[2] if k_loc is not None else 0
     on_cuda = q.is_cuda
-    if pad is None and chunk_valid is None:
+    if pad is None and chunk_valid is None and query_pad is None:
         # the mask depends only on the shape: build it once per layout (every layer and step reuses it)
         block_mask = _static_block_mask(n, key.shape[2], causal, window, n_local, segment_len, rank,
-                                        str(q.device))
+                                        str(q.device), halo_left, q_offset)
     else:
         mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
-                                 rank=rank, pad=pad, chunk_valid=chunk_valid)
+                                 rank=rank, pad=pad, chunk_valid=chunk_valid, halo_left=halo_left,
+                                 q_offset=q_offset, query_pad=query_pad)
         block_mask = create_block_mask(mask_mod, b, None, n, key.shape[2], device=q.device, _compile=on_cuda)
     fn = _compiled_flex() if on_cuda else flex_attention
     if not on_cuda:  # flex refuses CPU inputs that require grad even under no_grad; we checked grad is off

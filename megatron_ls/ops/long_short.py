@@ -95,28 +95,67 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
             v_glob = _apply_norm("global_norm", global_norm, v_glob)
     n_global = 0 if k_glob is None else k_glob.shape[2]
 
-    chosen = select_backend(backend, q, dropout_p)
     if window == 0 and n_global == 0:
         # causal projection-only with N <= segment_len: no query sees any key. Tie every input in with a zero
         # gradient (not None) so optimizers and ZeRO see the same parameters used at every length.
         out = (q + k + v + proj_logits.sum(dim=-1, keepdim=True)) * 0
-    elif chosen == "flex":
+    else:
+        out = long_short_attention_shard(
+            q, k_loc, v_loc, k_glob, v_glob, window=window, causal=causal, segment_len=seg, projection_rank=rank,
+            key_padding_mask=pad, query_padding_mask=pad, chunk_valid=chunk_valid, dropout_p=dropout_p,
+            scale=scale, backend=backend)
+    return out
+
+
+def long_short_attention_shard(q: torch.Tensor, k_local: Optional[torch.Tensor], v_local: Optional[torch.Tensor],
+                               k_global: Optional[torch.Tensor], v_global: Optional[torch.Tensor], *,
+                               window: int, causal: bool, segment_len: int, projection_rank: int,
+                               key_padding_mask: Optional[torch.Tensor] = None,
+                               query_padding_mask: Optional[torch.Tensor] = None,
+                               chunk_valid: Optional[torch.Tensor] = None, q_offset: int = 0, halo_left: int = 0,
+                               halo_right: int = 0, dropout_p: float = 0.0, scale: Optional[float] = None,
+                               backend: str = "auto") -> torch.Tensor:
+    """The core of long-short attention on prepared keys: one softmax per query over window + global keys.
+
+    This is the piece context parallelism calls on local + received tensors. ``k_local/v_local``
+    (B, H, halo_left + N + halo_right, D) are the already-normed window keys of the N queries plus halo keys
+    before/after them (None without a window); ``k_global/v_global`` (B, H, G, D) are already projected and
+    normed, ``G = chunks · r`` numbered from the sequence start (causal) or ``r`` (bidirectional).
+    ``key_padding_mask`` covers the local keys, ``query_padding_mask`` (B, N) the queries (their rows are 0);
+    ``chunk_valid`` (B, chunks) marks causal chunks that have keys. Query ``i`` sits at global position
+    ``q_offset + i`` for the causal chunk rule; window visibility is relative and needs no offset.
+    """
+    scale = checks.resolve_scale(scale, q.shape[-1])
+    b, h, n, d = q.shape
+    n_global = 0 if k_global is None else k_global.shape[2]
+    if window > 0 and k_local is None:
+        raise ValueError("long_short_attention_shard: window > 0 needs k_local/v_local")
+    if window > 0 and k_local.shape[2] != halo_left + n + halo_right:
+        raise ValueError(f"k_local has {k_local.shape[2]} keys, expected halo_left + N + halo_right = "
+                         f"{halo_left} + {n} + {halo_right}")
+    if window == 0:
+        k_local = v_local = None
+        key_padding_mask = None
+    chosen = select_backend(backend, q, dropout_p)
+    if chosen == "flex":
         if dropout_p > 0:
             raise ValueError(f"backend='flex' does not support dropout_p > 0 (got {dropout_p}); "
                              "use backend='torch' or 'auto'")
         with warnings.catch_warnings():
             # CPU flex runs the unfused reference path on purpose (tests); its advice to compile is noise here
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out = flex_long_short(q, k_loc, v_loc, k_glob, v_glob, causal=causal, window=window,
-                                  segment_len=seg, rank=rank, pad=pad, chunk_valid=chunk_valid, scale=scale)
+            out = flex_long_short(q, k_local, v_local, k_global, v_global, causal=causal, window=window,
+                                  segment_len=segment_len, rank=projection_rank, pad=key_padding_mask,
+                                  chunk_valid=chunk_valid, scale=scale, halo_left=halo_left, q_offset=q_offset,
+                                  query_pad=query_padding_mask)
     else:
-        plan = make_plan(b, h, n, d, causal=causal, window=window, segment_len=seg, rank=rank,
-                         n_global=n_global, scale=scale, dtype=q.dtype, device=q.device, pad=pad,
-                         chunk_valid=chunk_valid)
+        plan = make_plan(b, h, n, d, causal=causal, window=window, segment_len=segment_len, rank=projection_rank,
+                         n_global=n_global, scale=scale, dtype=q.dtype, device=q.device, pad=key_padding_mask,
+                         chunk_valid=chunk_valid, q_offset=q_offset, halo_left=halo_left, halo_right=halo_right)
         if dropout_p > 0:
-            out = attention_with_dropout(plan, q, k_loc, v_loc, k_glob, v_glob, dropout_p)
+            out = attention_with_dropout(plan, q, k_local, v_local, k_global, v_global, dropout_p)
         else:
-            out = LongShortCore.apply(plan, q, k_loc, v_loc, k_glob, v_glob)
-    if pad is not None:
-        out = out.masked_fill(pad[:, None, :, None], 0.0)
+            out = LongShortCore.apply(plan, q, k_local, v_local, k_global, v_global)
+    if query_padding_mask is not None:
+        out = out.masked_fill(query_padding_mask[:, None, :, None], 0.0)
     return out
