@@ -20,6 +20,7 @@ from megatron_ls.config import (
     TrainingConfig,
     TransformerConfig,
 )
+from megatron_ls.parallel.launch_env import launcher_world_size
 
 
 @dataclass
@@ -95,7 +96,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
     namespace = parser.parse_args(argv)
     args = arguments_from_namespace(namespace)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = launcher_world_size()  # WORLD_SIZE, or mpirun's process count
     try:
         validate_arguments(args, world_size)
     except ConfigError as exc:

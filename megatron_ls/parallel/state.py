@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_ls.parallel.launch_env import discover_mpi_launch, free_port
 from megatron_ls.parallel.topology import RankLayout, build_rank_layout, check_parallel_sizes
 
 # Collective timeout once the group is up (DeepSpeed's default too); the rendezvous has its own timeout.
@@ -33,9 +33,7 @@ _RANKS: dict[str, list[int]] = {}
 
 # ----------------------------------------------------------------------------- torch.distributed start-up
 def _free_local_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port("127.0.0.1")
 
 
 def _env_int(*names: str) -> int | None:
@@ -68,8 +66,9 @@ def initialize_distributed(backend: str | None = None, timeout_s: float = 300,
                            collective_timeout_s: float | None = None) -> None:
     """Start torch.distributed from the launcher environment (idempotent).
 
-    torchrun / the deepspeed launcher / mpirun provide RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; plain
-    ``python`` gets a world of 1 on a free local port. ``backend`` defaults to nccl with CUDA, gloo without.
+    torchrun / the deepspeed launcher provide RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; under mpirun they
+    are found through mpi4py (:mod:`megatron_ls.parallel.launch_env`); plain ``python`` gets a world of 1 on
+    a free local port. ``backend`` defaults to nccl with CUDA, gloo without.
     The CUDA device is set from LOCAL_RANK. If the rendezvous at MASTER_ADDR:MASTER_PORT cannot be completed
     within ``timeout_s`` seconds a RuntimeError is raised. Collectives afterwards time out after
     ``collective_timeout_s`` (default 30 min).
@@ -78,6 +77,7 @@ def initialize_distributed(backend: str | None = None, timeout_s: float = 300,
         return
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build")
+    discover_mpi_launch()  # mpirun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT via mpi4py
     rank, world, local_rank = _launch_env()
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
@@ -99,8 +99,9 @@ def initialize_distributed(backend: str | None = None, timeout_s: float = 300,
             os.environ.setdefault(name, str(value))
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
-            raise RuntimeError(f"{name} is not set for a world of {world} processes; launch with torchrun or "
-                               f"the deepspeed launcher, or export MASTER_ADDR and MASTER_PORT")
+            raise RuntimeError(f"{name} is not set for a world of {world} processes; launch with torchrun, "
+                               f"the deepspeed launcher or mpirun (with mpi4py), or export MASTER_ADDR and "
+                               f"MASTER_PORT")
     addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     rdzv_timeout = datetime.timedelta(seconds=float(timeout_s))
     pg_timeout = datetime.timedelta(seconds=float(collective_timeout_s or max(DEFAULT_COLLECTIVE_TIMEOUT_S,

@@ -45,16 +45,27 @@ def run_torchrun(script: str | Path, nproc: int, args: Sequence[str] = (), timeo
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--max_restarts=0", str(script), *[str(a) for a in args]]
+    return run_launcher(cmd, timeout, env).stdout
+
+
+def run_launcher(cmd: Sequence[str], timeout: float = 300, env: dict[str, str] | None = None,
+                 name: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run a launcher command (torchrun, mpirun, ...) from the repo root with :func:`torchrun_env`.
+
+    Raises RuntimeError naming ``name``, the command, the exit status, stdout and stderr when it fails or
+    exceeds ``timeout`` seconds (then every process it started is killed).
+    """
+    cmd = [str(c) for c in cmd]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=torchrun_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stdout, stderr = _kill_tree(proc)
-        raise RuntimeError(_report(cmd, f"timed out after {timeout:.0f}s", stdout, stderr)) from None
+        raise RuntimeError(_report(cmd, f"timed out after {timeout:.0f}s", stdout, stderr, name)) from None
     if proc.returncode != 0:
-        raise RuntimeError(_report(cmd, f"exit status {proc.returncode}", stdout, stderr))
-    return stdout
+        raise RuntimeError(_report(cmd, f"exit status {proc.returncode}", stdout, stderr, name))
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -97,5 +108,5 @@ def _kill_tree(proc: subprocess.Popen) -> tuple[str, str]:
         return "", "(output unavailable: pipes still held after killing the process tree)"
 
 
-def _report(cmd: list[str], what: str, stdout: str, stderr: str) -> str:
-    return (f"torchrun {what}: {' '.join(cmd)}\n----- stdout -----\n{stdout}\n----- stderr -----\n{stderr}")
+def _report(cmd: list[str], what: str, stdout: str, stderr: str, name: str = "torchrun") -> str:
+    return (f"{name} {what}: {' '.join(cmd)}\n----- stdout -----\n{stdout}\n----- stderr -----\n{stderr}")
