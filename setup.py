@@ -4,11 +4,15 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
-]
+
+
+def read_requirements(name: str) -> list:
+    """Requirement lines of ``name`` (comments and blank lines dropped)."""
+    return [line.strip() for line in (here / name).read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+requirements = read_requirements("requirements.txt")
 
 setup(
     name="megatron_ls",
@@ -21,7 +25,7 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not pinned here: an existing install (CPU or CUDA) must be kept as is.
     install_requires=["torch>=2.3"] + requirements,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"], "mpi": ["mpi4py>=3.1"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"], "mpi": read_requirements("requirements-mpi.txt")},
     entry_points={
         "console_scripts": [
             "megatron-ls-pretrain-gpt=pretrain_gpt_ls:cli",
