@@ -135,8 +135,7 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
     if pp > 1 and args.model.num_layers % pp:
         problems.append(f"--num-layers {args.model.num_layers} is not divisible by "
                         f"--pipeline-model-parallel-size {pp}")
-    if args.parallel.context_parallel_size > 1:
-        problems.append("--context-parallel-size > 1 is not implemented yet")
+    problems += context_parallel_problems(args)
     if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
         problems.append("--exit-interval must be positive")
     if args.checkpoint.save_interval is not None and args.checkpoint.save_interval <= 0:
@@ -145,6 +144,23 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
         problems.append(f"--deepspeed-config {args.training.deepspeed_config}: no such file")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def context_parallel_problems(args: Arguments) -> list[str]:
+    """What stops ``--context-parallel-size`` from splitting this model's sequences (empty when nothing)."""
+    from megatron_ls.parallel.cp_layout import ContextLayout
+
+    p, m = args.parallel, args.model
+    if p.context_parallel_size <= 1 or m.seq_length <= 0:
+        return []
+    try:
+        layout = ContextLayout(m.seq_length, p.context_parallel_size, 0, p.context_parallel_layout)
+        if any(not m.layer_uses_full_attention(i) for i in range(m.num_layers)):
+            layout.check_attention(causal=m.causal, window=m.window_size, segment_length=m.segment_length,
+                                   projection_rank=m.projection_rank)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -157,12 +173,17 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def build_deepspeed_config(args: Arguments, data_parallel_size: int) -> dict:
-    """The DeepSpeed JSON implied by the flags, with ``--deepspeed-config`` merged over it."""
+def build_deepspeed_config(args: Arguments, data_parallel_size: int, context_parallel_size: int = 1) -> dict:
+    """The DeepSpeed JSON implied by the flags, with ``--deepspeed-config`` merged over it.
+
+    DeepSpeed counts every rank holding the same weights as a data-parallel replica, context-parallel ones
+    included, so its ``train_batch_size`` is ``--global-batch-size x CP`` (each sample is fed CP times, a slice
+    to each CP rank); the accumulation steps are the same as without CP.
+    """
     t = args.training
     gbs = t.resolve_global_batch_size(data_parallel_size)
     config: dict[str, Any] = {
-        "train_batch_size": gbs,
+        "train_batch_size": gbs * context_parallel_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gbs // (t.micro_batch_size * data_parallel_size),
         "gradient_clipping": t.clip_grad,

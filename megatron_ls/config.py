@@ -116,7 +116,12 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = _f(1, "Tensor model parallel size (heads and MLP columns split).")
     pipeline_model_parallel_size: int = _f(1, "Pipeline model parallel size (layers split into stages).")
-    context_parallel_size: int = _f(1, "Context parallel size (sequence split across ranks).")
+    context_parallel_size: int = _f(1, "Context parallel size: every sample's sequence is split over this many "
+                                       "ranks, which hold the same weights (gradients reduce over DP x CP).")
+    context_parallel_layout: str = _f("contiguous", "Which tokens each context-parallel rank holds: 'contiguous' "
+                                      "(rank i: one piece, the i-th of CP) or 'balanced' (2 x CP pieces, rank i "
+                                      "holds pieces i and 2CP-1-i: even causal work).",
+                                      choices=("contiguous", "balanced"))
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0-3; at most 1 with pipeline parallelism).",
                          choices=(0, 1, 2, 3))
     distributed_backend: Optional[str] = _f(None, "torch.distributed backend (default nccl on GPU, gloo on CPU).",

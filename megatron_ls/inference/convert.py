@@ -130,11 +130,12 @@ def write_training_checkpoint(save_dir: str, config: TransformerConfig, full: di
                               os.path.join(ckpt, f"mp_rank_{stage * tp + t:02d}_model_states.pt"))
     args = json.loads(json.dumps(metadata.get("args", {})))
     args.setdefault("parallel", {}).update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                           zero_stage=0)
+                                           context_parallel_size=1, zero_stage=0)
     args["model"] = config_to_dict(config)
     new_meta = {"format_version": 1, "iteration": iteration, "consumed_samples": int(metadata.get(
         "consumed_samples", 0)), "args": args, "weights_only": True,
-        "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": 1},
+        "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": 1,
+                   "context_parallel_size": 1},
         "converted_from": metadata.get("layout", {})}
     atomic_write_text(os.path.join(ckpt, METADATA_FILE), json.dumps(new_meta, indent=2))
     atomic_write_text(os.path.join(save_dir, LATEST_FILE), tag + "\n")

@@ -9,6 +9,8 @@ from torch import nn
 from megatron_ls.config import TransformerConfig
 from megatron_ls.model.init_rng import EMBEDDING_SALT, seeded_init
 from megatron_ls.model.transformer import TransformerLayer
+from megatron_ls.parallel import state as ps
+from megatron_ls.parallel.context_parallel import get_context_layout
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.init import init_method_normal
 from megatron_ls.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
@@ -31,13 +33,18 @@ class GPTEmbedding(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens (B, n)``: the whole sequence, or under context parallelism this rank's tokens in local order."""
         h = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
-            n = tokens.shape[1]
+            cp = ps.get_context_parallel_world_size()
+            n = tokens.shape[1] * cp
             if n > self.position_embeddings.num_embeddings:
                 raise ValueError(f"sequence length {n} exceeds --max-position-embeddings "
                                  f"{self.position_embeddings.num_embeddings}")
-            positions = torch.arange(n, device=tokens.device)
+            if cp == 1:
+                positions = torch.arange(n, device=tokens.device)
+            else:  # the global positions of this rank's pieces
+                positions = get_context_layout(n).local_positions(tokens.device)
             h = h + self.position_embeddings(positions).unsqueeze(0)
         return self.dropout(h)
 
@@ -46,14 +53,34 @@ class GPTEmbedding(nn.Module):
         return parallel_lm_logits(hidden, self.word_embeddings.weight)
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
-                        loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean next-token cross entropy over unmasked positions (vocab-parallel logits are fine)."""
-    losses = vocab_parallel_cross_entropy(logits.float(), labels)
-    if loss_mask is None:
+def masked_token_mean(losses: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of per-token ``losses`` over the unmasked tokens of a micro-batch, as a data-parallel replica's loss.
+
+    Under context parallelism (CP > 1) each rank holds a slice of every sample and returns
+    ``CP x (its masked sum) / (masked count over the CP group)``: DeepSpeed averages gradients over DP x CP
+    (``training/deepspeed_mpu.py``), so the CP average of these is the micro-batch mean. The count is the
+    all-reduced one, so a rank whose slice is all masked contributes 0, not NaN. A fully masked micro-batch
+    gives 0.
+    """
+    losses = losses.float()
+    cp = ps.get_context_parallel_world_size()
+    if loss_mask is None:  # every CP rank holds as many tokens: CP x local sum / global count = local mean
         return losses.mean()
     loss_mask = loss_mask.to(losses.dtype)
-    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    count = loss_mask.sum().detach()
+    if cp > 1:
+        import torch.distributed as dist
+
+        count = count.clone()
+        dist.all_reduce(count, group=ps.get_context_parallel_group())
+    return (losses * loss_mask).sum() * cp / count.clamp(min=1.0)
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token cross entropy over unmasked positions (vocab-parallel logits are fine; under context
+    parallelism this rank's term of it, see :func:`masked_token_mean`)."""
+    return masked_token_mean(vocab_parallel_cross_entropy(logits.float(), labels), loss_mask)
 
 
 class GPTModel(nn.Module):

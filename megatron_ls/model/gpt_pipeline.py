@@ -26,13 +26,21 @@ def _lm_head_forward(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Ten
 
 
 def pipeline_loss(logits: torch.Tensor, labels_and_mask: tuple) -> torch.Tensor:
-    """Last-stage loss: mean cross entropy over unmasked tokens of the micro-batch."""
+    """Last-stage loss: mean cross entropy over unmasked tokens of the micro-batch (under context parallelism
+    this rank's CP-scaled term; the engine averages it over its data axis, DP x CP)."""
     labels, loss_mask = labels_and_mask
     return language_model_loss(logits, labels, loss_mask)
 
 
 def build_gpt_pipeline(config: TransformerConfig, activation_checkpoint_interval: int | None = None) -> nn.Module:
-    """A ``deepspeed.pipe.PipelineModule`` over the current TP/PP/DP layout (parallel state must be initialised)."""
+    """A ``deepspeed.pipe.PipelineModule`` over the current TP/CP/DP/PP layout (parallel state initialised).
+
+    DeepSpeed's topology has axes (pipe, data, model); context-parallel ranks hold the same weights, so its data
+    axis is DP x CP. With our rank order ``((pp*DP + dp)*CP + cp)*TP + tp`` that is exactly
+    ``PipeModelDataParallelTopology(num_pp=PP, num_mp=TP, num_dp=DP*CP)`` with data index ``dp*CP + cp``, so the
+    engine's data-parallel gradient reduction, its loss average and each tied-embedding group (first + last
+    stage of one (dp, cp) pipeline) come out right.
+    """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -40,7 +48,7 @@ def build_gpt_pipeline(config: TransformerConfig, activation_checkpoint_interval
 
     pp = ps.get_pipeline_model_parallel_world_size()
     tp = ps.get_tensor_model_parallel_world_size()
-    dp = ps.get_data_parallel_world_size()
+    dp = ps.get_data_parallel_world_size_with_context_parallel()
     if config.num_layers % pp:
         raise ValueError(f"--num-layers {config.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     specs = [TiedLayerSpec("embed", GPTEmbedding, config, tied_weight_attr="word_embeddings.weight")]

@@ -25,7 +25,8 @@ from megatron_ls.checkpoint_files import (FORMAT_VERSION, LATEST_FILE, METADATA_
 
 __all__ = ["CheckpointError", "LATEST_FILE", "METADATA_FILE", "atomic_torch_save", "atomic_write_text",
            "checkpoint_tag", "read_latest_tag", "read_metadata", "safe_torch_load", "save_checkpoint",
-           "load_checkpoint", "check_compatible", "install_safe_checkpoint_engine"]
+           "load_checkpoint", "check_compatible", "check_layout_change", "saved_layout",
+           "install_safe_checkpoint_engine"]
 
 def install_safe_checkpoint_engine(engine: Any) -> None:
     """Make the DeepSpeed engine load every checkpoint file with ``weights_only=True``."""
@@ -95,6 +96,42 @@ def check_compatible(load_dir: str, model_config: Any) -> None:
                         f"checkpoint (padding = multiple of --make-vocab-size-divisible-by x tensor parallel size)")
     if problems:
         raise CheckpointError(f"--load {load_dir}: " + "; ".join(problems))
+
+
+def saved_layout(load_dir: str) -> dict:
+    """TP, PP, DP, CP sizes (and ZeRO stage) of the checkpoint ``latest`` names; CP is 1 in older checkpoints."""
+    metadata = read_metadata(load_dir, read_latest_tag(load_dir))
+    layout = dict(metadata.get("layout", {}))
+    parallel = metadata.get("args", {}).get("parallel", {})
+    layout.setdefault("context_parallel_size", parallel.get("context_parallel_size", 1))
+    layout.setdefault("data_parallel_size", 1)
+    layout["zero_stage"] = int(parallel.get("zero_stage", 0))
+    return layout
+
+
+def check_layout_change(load_dir: str, parallel: Any, data_parallel_size: int, *, load_optimizer: bool) -> None:
+    """Refuse, naming the flags, a change of DP x CP that DeepSpeed cannot load.
+
+    Context parallelism does not change weight shapes, so weights load at any CP (and DP). DeepSpeed's ZeRO
+    optimizer state is partitioned over the DP x CP ranks and is not re-partitioned on load; ZeRO-3 partitions
+    the weights too. Without ZeRO (stage 0) the whole optimizer state sits in the model file: any change works.
+    """
+    saved = saved_layout(load_dir)
+    before = int(saved["data_parallel_size"]) * int(saved["context_parallel_size"])
+    now = data_parallel_size * parallel.context_parallel_size
+    if before == now:
+        return
+    what = (f"--load {load_dir}: saved with DP={saved['data_parallel_size']} x CP={saved['context_parallel_size']}"
+            f" = {before} replicas of each model shard, this run has DP={data_parallel_size} x "
+            f"CP={parallel.context_parallel_size} = {now}")
+    if 3 in (saved["zero_stage"], parallel.zero_stage):
+        raise CheckpointError(f"{what}; ZeRO-3 partitions the weights themselves over those ranks and DeepSpeed "
+                              f"cannot re-partition them: resume with the same data x context parallel size")
+    if load_optimizer and parallel.zero_stage > 0:
+        raise CheckpointError(f"{what}; ZeRO-{parallel.zero_stage} optimizer state is partitioned over them and "
+                              f"DeepSpeed cannot re-partition it: resume with the same data x context parallel "
+                              f"size, or pass --no-load-optim (weights, iteration and data position kept, fresh "
+                              f"optimizer) or --finetune")
 
 
 def load_checkpoint(engine: Any, load_dir: str, *, load_optimizer: bool = True, load_rng: bool = True,

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from megatron_ls.data.sampler import PretrainingSampler
+from megatron_ls.parallel.cp_layout import ContextLayout
 
 
 def collate_tokens(samples: Sequence[dict]) -> dict:
@@ -32,12 +33,27 @@ class _IndexedView(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+def slice_for_context_parallel(batch: dict, layout: Optional[ContextLayout]) -> dict:
+    """This context-parallel rank's tokens of every ``(B, seq)`` tensor of ``batch`` (tokens, labels, loss mask)."""
+    if layout is None or layout.cp == 1:
+        return batch
+    return {name: layout.slice_sequence(value, dim=1) for name, value in batch.items()}
+
+
+def _sliced(batches: Iterator[dict], layout: ContextLayout) -> Iterator[dict]:
+    for batch in batches:
+        yield slice_for_context_parallel(batch, layout)
+
+
 def build_data_iterator(dataset: Any, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
-                        data_parallel_size: int, num_workers: int = 0) -> Optional[Iterator[dict]]:
+                        data_parallel_size: int, num_workers: int = 0,
+                        context_layout: Optional[ContextLayout] = None) -> Optional[Iterator[dict]]:
     """An endless-enough iterator of this rank's micro-batches, starting after ``consumed_samples``.
 
     The sampler hands each data-parallel rank its slice of every global batch, so a restart with the saved
-    ``consumed_samples`` continues with exactly the batch the uninterrupted run would have used.
+    ``consumed_samples`` continues with exactly the batch the uninterrupted run would have used. Sharding is over
+    data-parallel ranks only: the context-parallel ranks of one DP rank read the same samples, and with
+    ``context_layout`` (CP > 1) each keeps its own tokens of them.
     """
     if dataset is None or len(dataset) == 0:
         return None
@@ -49,4 +65,6 @@ def build_data_iterator(dataset: Any, consumed_samples: int, micro_batch_size: i
     loader = torch.utils.data.DataLoader(_IndexedView(dataset), batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate_tokens, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=num_workers > 0, generator=torch.Generator())
+    if context_layout is not None and context_layout.cp > 1:
+        return _sliced(iter(loader), context_layout)
     return iter(loader)

@@ -16,10 +16,21 @@ def select_accelerator() -> str:
     return "cuda"
 
 
+# Context-parallel ranks hold different tokens: their dropout streams are offset by this much per CP rank.
+CONTEXT_PARALLEL_SEED_STRIDE = 100_003
+
+
 def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                            context_parallel_size: int = 1, backend: str | None = None,
-                           timeout_minutes: float = 10.0, seed: int = 1234) -> None:
-    """torch.distributed (from the launcher's env, or a world of one), TP/PP/DP groups, and every RNG seeded."""
+                           timeout_minutes: float = 10.0, seed: int = 1234,
+                           context_parallel_layout: str = "contiguous") -> None:
+    """torch.distributed (from the launcher's env, or a world of one), TP/CP/DP/PP groups, the CP token layout,
+    and every RNG seeded.
+
+    Weights never come from these streams (each module seeds its own, ``model/init_rng.py``); they drive dropout.
+    Under context parallelism each CP rank's streams are offset, so the CP pieces of one sample do not share one
+    dropout pattern (TP ranks of a CP rank still share the default stream, as they must).
+    """
     select_accelerator()
     from megatron_ls.parallel import state as ps
     from megatron_ls.parallel.random import model_parallel_manual_seed
@@ -34,6 +45,10 @@ def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_p
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size,
                                      context_parallel_size)
+    from megatron_ls.parallel.context_parallel import set_context_layout_kind
+
+    set_context_layout_kind(context_parallel_layout)
+    seed = seed + CONTEXT_PARALLEL_SEED_STRIDE * ps.get_context_parallel_rank()
     set_seed(seed)
     model_parallel_manual_seed(seed)
 

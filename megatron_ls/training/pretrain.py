@@ -54,11 +54,13 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     p, t, lg, ck = args.parallel, args.training, args.logging, args.checkpoint
     initialize_megatron_ls(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
                            backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
-                           seed=args.model.seed)
+                           seed=args.model.seed, context_parallel_layout=p.context_parallel_layout)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from megatron_ls.parallel import state as ps
+    from megatron_ls.parallel.context_parallel import get_context_layout
+    from megatron_ls.training.deepspeed_mpu import deepspeed_mpu
 
     accelerator = get_accelerator()
     if t.fp16 and not accelerator.is_fp16_supported():
@@ -70,8 +72,11 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
 
     world = dist.get_world_size()
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    cp_size = ps.get_context_parallel_world_size()
+    # Samples are sharded over DP only; each CP rank keeps its tokens of them (None: whole sequences).
+    cp_layout = get_context_layout(args.model.seq_length) if cp_size > 1 else None
     t.resolve_global_batch_size(dp_size)
-    ds_config = build_deepspeed_config(args, dp_size)
+    ds_config = build_deepspeed_config(args, dp_size, cp_size)
     # A --deepspeed-config may override the stage: record what DeepSpeed really runs (checkpoints depend on it).
     p.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", p.zero_stage))
     grad_accum = ds_config["gradient_accumulation_steps"]
@@ -80,13 +85,14 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     byte_level = data_byte_level if byte_level is None else byte_level
     if ck.load:
         checkpointing.check_compatible(ck.load, args.model)
+        checkpointing.check_layout_change(ck.load, p, dp_size, load_optimizer=not (ck.no_load_optim or ck.finetune))
     pipeline = p.pipeline_model_parallel_size > 1
     model = model_provider(args.model, pipeline)
     optimizer = build_optimizer(model, t)
     scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
                                         decay_iters=t.lr_decay_iters or t.train_iters, decay_style=t.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=None if pipeline else ps,
+                                           config=ds_config, mpu=None if pipeline else deepspeed_mpu(),
                                            dist_init_required=False)
     checkpointing.install_safe_checkpoint_engine(engine)
     steps: Steps = build_steps(engine, pipeline, grad_accum, t.bf16, t.fp16)
@@ -103,7 +109,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(f" loaded checkpoint from {ck.load} at iteration {iteration}")
 
     mb = t.micro_batch_size
-    train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers)
+    train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers, cp_layout)
     flops_per_token = model_flops_per_token(args.model)
     tokens_per_iter = t.global_batch_size * args.model.seq_length
     tb = TensorboardWriter(lg.tensorboard_dir, enabled=dist.get_rank() == world - 1)
@@ -112,7 +118,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     def run_eval(prefix: str, dataset: Any, step: int, name: str) -> Optional[float]:
         if dataset is None or lg.eval_iters <= 0:
             return None
-        data_iter = build_data_iterator(dataset, 0, mb, dp_rank, dp_size)
+        data_iter = build_data_iterator(dataset, 0, mb, dp_rank, dp_size, context_layout=cp_layout)
         loss = steps.evaluate(data_iter, lg.eval_iters)
         print_rank_0("-" * 80 + "\n" + format_eval_line(f"{prefix} loss at iteration {step}", loss, byte_level)
                      + "\n" + "-" * 80)
@@ -128,11 +134,14 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                                              get_rng_state_dict(), {"layout": {
                                                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
                                                  "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                                                 "context_parallel_size": cp_size,
+                                                 "context_parallel_layout": p.context_parallel_layout,
                                                  "data_parallel_size": dp_size}})
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 
+    cp_text = f" CP={cp_size} ({p.context_parallel_layout})" if cp_size > 1 else ""
     print_rank_0(f" training: world size {world} (TP={p.tensor_model_parallel_size} "
-                 f"PP={p.pipeline_model_parallel_size} DP={dp_size}), global batch {t.global_batch_size}, "
+                 f"PP={p.pipeline_model_parallel_size} DP={dp_size}{cp_text}), global batch {t.global_batch_size}, "
                  f"micro batch {mb}, gradient accumulation {grad_accum}, ZeRO-{p.zero_stage}")
     interval_losses: list[float] = []
     interval_start = time.perf_counter()

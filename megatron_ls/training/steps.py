@@ -6,16 +6,20 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_ls.model.gpt import language_model_loss
+from megatron_ls.model.gpt import masked_token_mean
 
 
 def _data_parallel_mean(value: torch.Tensor) -> float:
-    """Mean of a scalar over the data-parallel group (the logged loss is the global-batch mean)."""
+    """Mean of a per-replica loss over DP x CP (the logged loss is the global-batch mean).
+
+    Each context-parallel rank's loss is CP x its share of the micro-batch loss (``masked_token_mean``), so the
+    mean over DP x CP is the mean over DP of whole-sample losses: the same number as without CP.
+    """
     from megatron_ls.parallel import state as ps
 
     value = value.detach().float().reshape(1).clone()
-    group = ps.get_data_parallel_group()
-    size = ps.get_data_parallel_world_size()
+    group = ps.get_data_parallel_group_with_context_parallel()
+    size = ps.get_data_parallel_world_size_with_context_parallel()
     if dist.is_initialized() and size > 1:
         dist.all_reduce(value, group=group)
         value /= size
@@ -23,7 +27,11 @@ def _data_parallel_mean(value: torch.Tensor) -> float:
 
 
 def unclipped_grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the gradients: TP shards summed over the TP group, stages over the PP group."""
+    """Global L2 norm of the gradients: TP shards summed over the TP group, stages over the PP group.
+
+    After DeepSpeed's reduction every DP x CP replica holds the same gradients, so nothing is summed over DP or
+    CP: a parameter replicated over context-parallel ranks counts once.
+    """
     from megatron_ls.parallel import state as ps
 
     # Accumulate on the parameters' device: NCCL cannot reduce CPU tensors.
@@ -95,8 +103,7 @@ class Steps:
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
-        losses = self.engine(tokens, labels)
-        return (losses.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        return masked_token_mean(self.engine(tokens, labels), loss_mask)
 
     def train_step(self, data_iter: Iterator[dict]) -> tuple[float, bool]:
         """Returns (global-batch mean loss, whether the optimizer step was skipped by the loss scaler)."""
@@ -169,12 +176,6 @@ class PipelineSteps(Steps):
             total += float(loss.item())
         self.engine.train()
         return total / max(eval_iters, 1)
-
-
-def pipeline_loss(logits: torch.Tensor, labels_and_mask: tuple) -> torch.Tensor:
-    """Loss function for the last pipeline stage."""
-    labels, loss_mask = labels_and_mask
-    return language_model_loss(logits, labels, loss_mask)
 
 
 def build_steps(engine: Any, pipeline: bool, grad_accum: int, bf16: bool, fp16: bool) -> Steps:

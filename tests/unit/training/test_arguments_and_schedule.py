@@ -42,7 +42,12 @@ def test_deepspeed_config_from_flags_and_user_json(tmp_path):
     (["--window-size", "0", "--projection-rank", "0"], "leave long-short layers no keys"),
     (["--split", "a,b"], "--split"),
     (["--tokenizer-type", "SentencePieceTokenizer"], "--tokenizer-model"),
-    (["--context-parallel-size", "2"], "not implemented"),
+    (["--context-parallel-size", "2", "--seq-length", "99"], "--seq-length 99 is not divisible by 2"),
+    (["--context-parallel-size", "2", "--seq-length", "80"],
+     "pieces of 40 tokens (--seq-length / --context-parallel-size), which must be a multiple of --segment-length 16"),
+    (["--context-parallel-size", "2", "--context-parallel-layout", "balanced", "--seq-length", "96",
+      "--segment-length", "16", "--window-size", "16"], "(--seq-length / --context-parallel-size / 2)"),
+    (["--context-parallel-size", "2", "--context-parallel-layout", "striped"], "invalid choice: 'striped'"),
     (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers 3 is not divisible"),
     (["--tensor-model-parallel-size", "3"], "world size 2 is not divisible by tensor (3)"),
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], "--zero-stage 2 cannot be combined"),
@@ -53,6 +58,17 @@ def test_invalid_flags_exit_2_with_the_flag_named(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_context_parallel_flags_and_deepspeed_batch():
+    a = parse_args(BASE + ["--context-parallel-size", "2", "--context-parallel-layout", "balanced",
+                           "--seq-length", "128"], world_size=4)
+    assert (a.parallel.context_parallel_size, a.parallel.context_parallel_layout) == (2, "balanced")
+    assert a.parallel.data_parallel_size(4) == 2
+    cfg = build_deepspeed_config(a, data_parallel_size=2, context_parallel_size=2)
+    # DeepSpeed counts CP ranks as replicas: every sample is fed twice (half of it to each CP rank).
+    assert cfg["train_batch_size"] == 32 and cfg["gradient_accumulation_steps"] == 4
+    assert a.training.global_batch_size == 16
+
+
 def test_help_groups_flags_by_concern():
     out = subprocess.run([sys.executable, "pretrain_gpt_ls.py", "--help"], capture_output=True, text=True,
                          check=True).stdout
@@ -60,7 +76,8 @@ def test_help_groups_flags_by_concern():
                   "Checkpointing", "Logging and evaluation"):
         assert title in out
     for flag in ("--window-size", "--segment-length", "--projection-rank", "--full-attention-layers",
-                 "--no-dual-ln", "--attention-backend", "--tensor-model-parallel-size", "--zero-stage"):
+                 "--no-dual-ln", "--attention-backend", "--tensor-model-parallel-size", "--zero-stage",
+                 "--context-parallel-size", "--context-parallel-layout"):
         assert flag in out
 
 
