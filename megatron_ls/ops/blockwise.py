@@ -100,12 +100,14 @@ def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segm
               n_global: int, scale: float, dtype: torch.dtype, device: torch.device,
               pad: Optional[torch.Tensor], chunk_valid: Optional[torch.Tensor],
               block: Optional[int] = None, tile_queries: Optional[int] = None, q_offset: int = 0,
-              halo_left: int = 0, halo_right: int = 0) -> Plan:
+              halo_left: int = 0, halo_right: int = 0, extension: Optional[int] = None) -> Plan:
     """Build the :class:`Plan` (block geometry and masks) for one call.
 
     ``block`` (causal query block) and ``tile_queries`` default to the module's CAUSAL_BLOCK / TILE_QUERIES,
     read at call time so tests can shrink them to exercise many tiles on short sequences.
     ``pad`` is the key padding mask over the ``halo_left + n + halo_right`` local keys (True = padding).
+    ``extension``: keys a bidirectional segment sees beyond each side (default ceil(w/2); see
+    ``checks.window_extension``).
     """
     tile_queries = tile_queries or (TILE_QUERIES_CUDA if torch.device(device).type == "cuda" else TILE_QUERIES)
     if window > 0:
@@ -116,7 +118,7 @@ def make_plan(b: int, h: int, n: int, d: int, *, causal: bool, window: int, segm
         else:
             # segment s sees [s·w - e, (s+1)·w + e): the slab is exactly the window
             tq = window
-            e = (window + 1) // 2
+            e = (window + 1) // 2 if extension is None else extension
             pad_left, slab = e, window + 2 * e
     else:
         tq = block or min(n, CAUSAL_BLOCK)

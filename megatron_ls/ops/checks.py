@@ -11,6 +11,17 @@ import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "torch", "flex")
+WINDOW_EXTENSIONS = ("floor", "ceil")
+
+
+def window_extension(window: int, rule: str) -> int:
+    """Keys a bidirectional window segment sees beyond each side: ``floor`` = max(w // 2, 1) (the authors'
+    released code), ``ceil`` = ceil(w / 2) (this project's first build); equal for even ``w``. 0 without a window."""
+    if rule not in WINDOW_EXTENSIONS:
+        raise ValueError(f"window_extension must be one of {WINDOW_EXTENSIONS}, got {rule!r}")
+    if window <= 0:
+        return 0
+    return max(window // 2, 1) if rule == "floor" else (window + 1) // 2
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

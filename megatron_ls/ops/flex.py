@@ -32,14 +32,14 @@ def _compiled_flex():
 
 def make_mask_mod(n: int, *, causal: bool, window: int, n_local: int, segment_len: int, rank: int,
                   pad: Optional[torch.Tensor], chunk_valid: Optional[torch.Tensor], halo_left: int = 0,
-                  q_offset: int = 0, query_pad: Optional[torch.Tensor] = None):
+                  q_offset: int = 0, query_pad: Optional[torch.Tensor] = None, extension: Optional[int] = None):
     """The long-short visibility rule as a FlexAttention mask_mod over keys [local (n_local) ; global].
 
     The local keys are ``halo_left`` keys before the ``n`` queries, the queries' own keys, then any halo after
     them (context parallelism); ``pad`` (B, n_local) marks padded local keys, ``query_pad`` (B, n) padded
     queries (default: ``pad`` when there is no halo), and query ``i`` sits at global position ``q_offset + i``.
     """
-    e = (window + 1) // 2
+    e = (window + 1) // 2 if extension is None else extension
     n_chunks = 0 if chunk_valid is None else chunk_valid.shape[1]
     if query_pad is None and pad is not None and n_local == n:
         query_pad = pad
@@ -74,9 +74,10 @@ def make_mask_mod(n: int, *, causal: bool, window: int, n_local: int, segment_le
 
 @functools.lru_cache(maxsize=16)
 def _static_block_mask(n: int, n_keys: int, causal: bool, window: int, n_local: int, segment_len: int, rank: int,
-                       device: str, halo_left: int = 0, q_offset: int = 0):
+                       device: str, halo_left: int = 0, q_offset: int = 0, extension: Optional[int] = None):
     mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
-                             rank=rank, pad=None, chunk_valid=None, halo_left=halo_left, q_offset=q_offset)
+                             rank=rank, pad=None, chunk_valid=None, halo_left=halo_left, q_offset=q_offset,
+                             extension=extension)
     dev = torch.device(device)
     return create_block_mask(mask_mod, None, None, n, n_keys, device=dev, _compile=dev.type == "cuda")
 
@@ -85,7 +86,7 @@ def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optio
                     k_glob: Optional[torch.Tensor], v_glob: Optional[torch.Tensor], *, causal: bool, window: int,
                     segment_len: int, rank: int, pad: Optional[torch.Tensor],
                     chunk_valid: Optional[torch.Tensor], scale: float, halo_left: int = 0, q_offset: int = 0,
-                    query_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    query_pad: Optional[torch.Tensor] = None, extension: Optional[int] = None) -> torch.Tensor:
     """Long-short attention through one FlexAttention call; same arguments as the torch core.
 
     ``pad`` masks the local keys (halos included), ``query_pad`` the queries. Rows with no visible key come
@@ -107,11 +108,11 @@ def flex_long_short(q: torch.Tensor, k_loc: Optional[torch.Tensor], v_loc: Optio
     if pad is None and chunk_valid is None and query_pad is None:
         # the mask depends only on the shape: build it once per layout (every layer and step reuses it)
         block_mask = _static_block_mask(n, key.shape[2], causal, window, n_local, segment_len, rank,
-                                        str(q.device), halo_left, q_offset)
+                                        str(q.device), halo_left, q_offset, extension)
     else:
         mask_mod = make_mask_mod(n, causal=causal, window=window, n_local=n_local, segment_len=segment_len,
                                  rank=rank, pad=pad, chunk_valid=chunk_valid, halo_left=halo_left,
-                                 q_offset=q_offset, query_pad=query_pad)
+                                 q_offset=q_offset, query_pad=query_pad, extension=extension)
         block_mask = create_block_mask(mask_mod, b, None, n, key.shape[2], device=q.device, _compile=on_cuda)
     fn = _compiled_flex() if on_cuda else flex_attention
     if not on_cuda:  # flex refuses CPU inputs that require grad even under no_grad; we checked grad is off

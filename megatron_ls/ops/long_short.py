@@ -45,13 +45,17 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
                          *, window: int, causal: bool, segment_len: Optional[int] = None,
                          key_padding_mask: Optional[torch.Tensor] = None, local_norm: Norm = None,
                          global_norm: Norm = None, dropout_p: float = 0.0, scale: Optional[float] = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", window_extension: str = "floor",
+                         project_normed: bool = False) -> torch.Tensor:
     """Long-short attention of Transformer-LS; returns (B, H, N, D) in q's dtype.
 
     q, k, v: (B, H, N, D). proj_logits: (B, H, N, r) or None. Local keys/values are ``local_norm(k/v)`` inside
-    the window (bidirectional: segments of ``window`` plus ceil(w/2) on each side; causal: the last ``window``
+    the window (bidirectional: segments of ``window`` plus ``e`` on each side, ``e = max(w // 2, 1)`` with
+    ``window_extension="floor"`` (released code) or ``ceil(w / 2)`` with ``"ceil"``; causal: the last ``window``
     tokens). Global keys/values are ``global_norm(Pᵀk / Pᵀv)`` with P = softmax(proj_logits) over the unpadded
-    sequence (bidirectional) or inside each chunk of ``segment_len`` (causal: query t sees chunks < t // l).
+    sequence (bidirectional) or inside each chunk of ``segment_len`` (causal: query t sees chunks < t // l);
+    with ``project_normed`` (bidirectional only, the released LRA/vision code) P applies to ``local_norm(k/v)``.
+    Norms are callables on (B, H, *, D) tensors (per head, or over all heads' width together).
     ``key_padding_mask`` (B, N) bool, True = padding; padded query rows and rows with no visible key are 0.
     ``segment_len`` is only used in causal mode. See docs/attention.md for the full contract.
     """
@@ -66,6 +70,10 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
     backend = checks.check_backend(backend)
     checks.check_norm("local_norm", local_norm)
     checks.check_norm("global_norm", global_norm)
+    extension = checks.window_extension(window, window_extension)
+    if project_normed and causal:
+        raise ValueError("project_normed applies to bidirectional attention only (the released autoregressive "
+                         "code compresses the raw keys/values)")
     use_global = rank > 0
     if window == 0 and not use_global:
         raise ValueError("long_short_attention needs a window or a projection: got window=0 and "
@@ -88,6 +96,10 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
         if causal:
             if num_causal_chunks(n, seg) > 0:
                 k_glob, v_glob, chunk_valid = project_causal(k, v, proj_logits, pad, seg)
+        elif project_normed:
+            k_src = k_loc if k_loc is not None else _apply_norm("local_norm", local_norm, k)
+            v_src = v_loc if v_loc is not None else _apply_norm("local_norm", local_norm, v)
+            k_glob, v_glob = project_bidirectional(k_src, v_src, proj_logits, pad)
         else:
             k_glob, v_glob = project_bidirectional(k, v, proj_logits, pad)
         if k_glob is not None:
@@ -103,7 +115,7 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
         out = long_short_attention_shard(
             q, k_loc, v_loc, k_glob, v_glob, window=window, causal=causal, segment_len=seg, projection_rank=rank,
             key_padding_mask=pad, query_padding_mask=pad, chunk_valid=chunk_valid, dropout_p=dropout_p,
-            scale=scale, backend=backend)
+            scale=scale, backend=backend, window_extension=window_extension)
     return out
 
 
@@ -114,7 +126,7 @@ def long_short_attention_shard(q: torch.Tensor, k_local: Optional[torch.Tensor],
                                query_padding_mask: Optional[torch.Tensor] = None,
                                chunk_valid: Optional[torch.Tensor] = None, q_offset: int = 0, halo_left: int = 0,
                                halo_right: int = 0, dropout_p: float = 0.0, scale: Optional[float] = None,
-                               backend: str = "auto") -> torch.Tensor:
+                               backend: str = "auto", window_extension: str = "floor") -> torch.Tensor:
     """The core of long-short attention on prepared keys: one softmax per query over window + global keys.
 
     This is the piece context parallelism calls on local + received tensors. ``k_local/v_local``
@@ -126,6 +138,7 @@ def long_short_attention_shard(q: torch.Tensor, k_local: Optional[torch.Tensor],
     ``q_offset + i`` for the causal chunk rule; window visibility is relative and needs no offset.
     """
     scale = checks.resolve_scale(scale, q.shape[-1])
+    extension = None if causal else checks.window_extension(window, window_extension)
     b, h, n, d = q.shape
     n_global = 0 if k_global is None else k_global.shape[2]
     if window > 0 and k_local is None:
@@ -147,11 +160,12 @@ def long_short_attention_shard(q: torch.Tensor, k_local: Optional[torch.Tensor],
             out = flex_long_short(q, k_local, v_local, k_global, v_global, causal=causal, window=window,
                                   segment_len=segment_len, rank=projection_rank, pad=key_padding_mask,
                                   chunk_valid=chunk_valid, scale=scale, halo_left=halo_left, q_offset=q_offset,
-                                  query_pad=query_padding_mask)
+                                  query_pad=query_padding_mask, extension=extension)
     else:
         plan = make_plan(b, h, n, d, causal=causal, window=window, segment_len=segment_len, rank=projection_rank,
                          n_global=n_global, scale=scale, dtype=q.dtype, device=q.device, pad=key_padding_mask,
-                         chunk_valid=chunk_valid, q_offset=q_offset, halo_left=halo_left, halo_right=halo_right)
+                         chunk_valid=chunk_valid, q_offset=q_offset, halo_left=halo_left, halo_right=halo_right,
+                         extension=extension)
         if dropout_p > 0:
             out = attention_with_dropout(plan, q, k_local, v_local, k_global, v_global, dropout_p)
         else:

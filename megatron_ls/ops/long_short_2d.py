@@ -3,7 +3,7 @@
 Sequence layout: ``num_extra_tokens`` leading tokens (CLS, distillation, ...) then the gh×gw patches row-major.
 
 * local keys: the patch grid is cut into ``window × window`` blocks; every query of block (i, j) sees the
-  square of patches rows ``[i·w - e, (i+1)·w + e)`` × cols ``[j·w - e, (j+1)·w + e)``, e = ceil(w/2) (the 1D
+  square of patches rows ``[i·w - e, (i+1)·w + e)`` × cols ``[j·w - e, (j+1)·w + e)``, e = max(w // 2, 1) by default (the 1D
   rule on both axes: 2w × 2w for even w), clipped at the image border;
 * extra tokens are keys visible to every query, and their own queries see every token;
 * global keys: r keys ``Pᵀk`` with P = softmax(proj_logits) over the unpadded *patches* (extra tokens take no
@@ -81,11 +81,13 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             *, grid: Tuple[int, int], window: int, num_extra_tokens: int = 0,
                             key_padding_mask: Optional[torch.Tensor] = None,
                             local_norm: Optional[Callable] = None, global_norm: Optional[Callable] = None,
-                            dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
+                            dropout_p: float = 0.0, scale: Optional[float] = None,
+                            window_extension: str = "floor", project_normed: bool = False) -> torch.Tensor:
     """2D long-short attention over (B, H, E + gh·gw, D) tensors; returns (B, H, N, D) in q's dtype.
 
     See the module docstring for the visibility rule. ``key_padding_mask`` (B, N) bool, True = padding (never
-    attended, no projection weight, padded query rows return 0).
+    attended, no projection weight, padded query rows return 0). ``window_extension`` and ``project_normed``
+    as in ``long_short_attention`` (defaults: the released code's ``max(w // 2, 1)``; raw keys projected).
     """
     checks.check_qkv(q, k, v)
     rank = checks.check_proj_logits(proj_logits, q)
@@ -101,6 +103,7 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if window == 0 and rank == 0:
         raise ValueError("long_short_attention_2d needs a window or a projection: got window=0 and "
                          f"proj_logits={'None' if proj_logits is None else 'with r=0'}")
+    extension = checks.window_extension(window, window_extension)
     cd = compute_dtype(q.dtype)
     dev = q.device
     k_loc = _apply_norm("local_norm", local_norm, k).to(cd)
@@ -112,7 +115,8 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if rank > 0:
         no_weight = torch.zeros(b, n, dtype=torch.bool, device=dev) if pad is None else pad.clone()
         no_weight[:, :ne] = True  # the projection runs over patches only
-        k_glob, v_glob = project_bidirectional(k, v, proj_logits, no_weight)
+        src = (k_loc.to(k.dtype), v_loc.to(v.dtype)) if project_normed else (k, v)
+        k_glob, v_glob = project_bidirectional(*src, proj_logits, no_weight)
         k_glob = _apply_norm("global_norm", global_norm, k_glob).to(cd)
         v_glob = _apply_norm("global_norm", global_norm, v_glob).to(cd)
         glob_ok = (~no_weight).any(dim=1)[:, None, None, None]  # (B, 1, 1, 1): no patch left -> no keys
@@ -124,7 +128,7 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     qb = _grid_blocks(q_s[:, :, ne:], gh, gw, max(window, 1))  # (B, H, nbh, nbw, T, D)
     parts, vals = [], []
     if window > 0:
-        e = (window + 1) // 2
+        e = extension
         ks = _grid_slabs(k_loc[:, :, ne:], gh, gw, window, e, 0.0)
         vs = _grid_slabs(v_loc[:, :, ne:], gh, gw, window, e, 0.0)
         ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, e, 0.0)[..., 0] > 0  # (B|1, nbh, nbw, S²)

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_ls.ops import full_attention_at, long_short_attention_shard
+from megatron_ls.ops.checks import window_extension as window_extension_size
 from megatron_ls.ops.projection import finish_projection, project_causal, projection_partials
 from megatron_ls.parallel import state
 from megatron_ls.parallel.cp_comm import (
@@ -70,9 +71,10 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             *, layout: ContextLayout, window: int, causal: bool, segment_len: Optional[int] = None,
                             key_padding_mask: Optional[torch.Tensor] = None, local_norm: Norm = None,
                             global_norm: Norm = None, dropout_p: float = 0.0, scale: Optional[float] = None,
-                            backend: str = "auto") -> torch.Tensor:
-    """Long-short attention of this rank's tokens; same contract as ``ops.long_short_attention`` on the full
-    sequence (whose outputs this equals, rank by rank). ``q, k, v`` (B, H, n_local, D), ``proj_logits``
+                            backend: str = "auto", window_extension: str = "floor",
+                            project_normed: bool = False) -> torch.Tensor:
+    """Long-short attention of this rank's tokens; same contract (and keywords) as ``ops.long_short_attention``
+    on the full sequence (whose outputs this equals, rank by rank). ``q, k, v`` (B, H, n_local, D), ``proj_logits``
     (B, H, n_local, r) or None, ``key_padding_mask`` (B, n_local), all in local order."""
     rank_r = 0 if proj_logits is None else proj_logits.shape[-1]
     layout.check_attention(causal=causal, window=window, segment_length=segment_len or 1, projection_rank=rank_r)
@@ -81,11 +83,14 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     pad = key_padding_mask
     b, h, n_loc, d = q.shape
 
-    kv_ext = pad_ext = plan = None
+    kv_ext = pad_ext = plan = k_loc = v_loc = None
+    if project_normed and causal:
+        raise ValueError("project_normed applies to bidirectional attention only")
     if window > 0:
-        e = (window + 1) // 2
+        e = window_extension_size(window, window_extension)
         plan = build_halo_plan(layout, window - 1 if causal else e, 0 if causal else e)
-        kv_ext = extend_with_halos(torch.cat([_norm(local_norm, k), _norm(local_norm, v)], dim=-1), plan)
+        k_loc, v_loc = _norm(local_norm, k), _norm(local_norm, v)
+        kv_ext = extend_with_halos(torch.cat([k_loc, v_loc], dim=-1), plan)
         if pad is not None:
             pad_ext = extend_with_halos_no_grad(pad[:, None, :, None], plan)[:, 0, :, 0]
 
@@ -110,7 +115,11 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                     torch.cat(valid, dim=1), ContextLayout(layout.seq_length // l, layout.cp, layout.rank,
                                                            layout.kind), dim=1)
         else:
-            row_max, sums = projection_partials(k, v, proj_logits, pad)
+            k_src, v_src = k, v
+            if project_normed:  # released bidirectional code: the projection takes the LN_L-normalised keys
+                k_src = k_loc if k_loc is not None else _norm(local_norm, k)
+                v_src = v_loc if v_loc is not None else _norm(local_norm, v)
+            row_max, sums = projection_partials(k_src, v_src, proj_logits, pad)
             global_max = all_reduce_max_no_grad(row_max)
             global_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
             sums = sums * torch.exp(row_max - global_max).transpose(2, 3)
@@ -139,7 +148,8 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
             q[:, :, sl], k_piece, v_piece, k_glob, v_glob, window=window, causal=causal,
             segment_len=segment_len or 0, projection_rank=rank_r, key_padding_mask=key_pad,
             query_padding_mask=None if pad is None else pad[:, sl], chunk_valid=chunk_valid, q_offset=start,
-            halo_left=hl, halo_right=hr, dropout_p=dropout_p, scale=scale, backend=backend))
+            halo_left=hl, halo_right=hr, dropout_p=dropout_p, scale=scale, backend=backend,
+            window_extension=window_extension))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 

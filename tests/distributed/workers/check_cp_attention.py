@@ -28,6 +28,9 @@ CASES = [
     ("bidir-odd-window", False, 3, 4, 1, 48, False),
     ("bidir-window-only", False, 4, 4, 0, 32, True),
     ("bidir-projection-only", False, 0, 4, 3, 32, True),
+    ("bidir-odd-window-ceil-normed-projection", False, 3, 4, 2, 48, True,
+     dict(window_extension="ceil", project_normed=True)),
+    ("bidir-normed-projection", False, 4, 4, 2, 32, True, dict(project_normed=True)),
 ]
 B, H, D = 2, 2, 8
 
@@ -59,12 +62,13 @@ def leaves(*ts):
     return [None if t is None else t.clone().requires_grad_(True) for t in ts]
 
 
-def check_case(name, causal, w, l, r, n, padded, kind):
+def check_case(name, causal, w, l, r, n, padded, options=None, *, kind):
     cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     layout = ContextLayout(n, cp, rank, kind)
     q, k, v, logits, pad, grad = inputs(n, r, padded, seed=zlib.crc32(name.encode()) % 1000)
-    norms = (Norm(1) if w else None, Norm(2) if r else None)
-    kw = dict(window=w, causal=causal, segment_len=l if r else None, local_norm=norms[0], global_norm=norms[1])
+    norms = (Norm(1) if w or (options or {}).get("project_normed") else None, Norm(2) if r else None)
+    kw = dict(window=w, causal=causal, segment_len=l if r else None, local_norm=norms[0], global_norm=norms[1],
+              **(options or {}))
     fq, fk, fv, fl = leaves(q, k, v, logits)
     ref = long_short_attention(fq, fk, fv, fl, key_padding_mask=pad, backend="torch", **kw)
     ref.backward(grad)
@@ -141,7 +145,7 @@ def main(kinds):
     ps.initialize_model_parallel(context_parallel_size=cp)
     for kind in kinds:
         for case in CASES:
-            check_case(*case, kind)
+            check_case(*case, kind=kind)
             if dist.get_rank() == 0:
                 print(f"CHECK-OK cp-attention {kind} {case[0]}", flush=True)
         for causal in (True, False):

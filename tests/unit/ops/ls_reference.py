@@ -33,12 +33,19 @@ def _projection_weights(logits, keep):
     return out
 
 
-def local_visibility(n: int, window: int, causal: bool) -> torch.Tensor:
+def extension_of(window: int, rule: str) -> int:
+    """Keys a bidirectional segment sees beyond each side: released code max(w // 2, 1), or ceil(w / 2)."""
+    if window == 0:
+        return 0
+    return max(window // 2, 1) if rule == "floor" else math.ceil(window / 2)
+
+
+def local_visibility(n: int, window: int, causal: bool, extension: str = "floor") -> torch.Tensor:
     """(N, N) bool: query i may see local key j (no padding)."""
     vis = torch.zeros(n, n, dtype=torch.bool)
     if window == 0:
         return vis
-    e = math.ceil(window / 2)
+    e = extension_of(window, extension)
     for i in range(n):
         if causal:
             lo, hi = i - window + 1, i + 1
@@ -50,7 +57,8 @@ def local_visibility(n: int, window: int, causal: bool) -> torch.Tensor:
 
 
 def dense_long_short(q, k, v, proj_logits, *, window: int, causal: bool, segment_len: Optional[int] = None,
-                     key_padding_mask=None, local_norm=None, global_norm=None, scale=None):
+                     key_padding_mask=None, local_norm=None, global_norm=None, scale=None,
+                     window_extension: str = "floor", project_normed: bool = False):
     """Reference long-short attention, computed in float64 and returned in float64."""
     q, k, v = q.double(), k.double(), v.double()
     b, h, n, d = q.shape
@@ -59,42 +67,49 @@ def dense_long_short(q, k, v, proj_logits, *, window: int, causal: bool, segment
     kl = local_norm(k) if local_norm is not None else k
     vl = local_norm(v) if local_norm is not None else v
     out = torch.zeros_like(q)
-    base_vis = local_visibility(n, window, causal)
+    base_vis = local_visibility(n, window, causal, window_extension)
+    kp = k if not project_normed else (local_norm(k) if local_norm is not None else k)  # projection sources
+    vp = v if not project_normed else (local_norm(v) if local_norm is not None else v)
+    # global keys of every (batch, head) first, so global_norm sees (B, H, G, D) like the op gives it (a norm
+    # may mix heads, e.g. DualLN over the full width)
+    kg = vg = None
+    gvis = [torch.zeros(n, 0, dtype=torch.bool) for _ in range(b)]
+    if proj_logits is not None and proj_logits.shape[-1] > 0:
+        r = proj_logits.shape[-1]
+        chunks = [slice(0, n)] if not causal else [slice(c * segment_len, min((c + 1) * segment_len, n))
+                                                     for c in range(math.ceil(n / segment_len))]
+        kg = torch.zeros(b, h, len(chunks) * r, d, dtype=torch.float64)
+        vg = torch.zeros_like(kg)
+        for bi in range(b):
+            cols = []
+            for c, sl in enumerate(chunks):
+                keep = ~pad[bi, sl]
+                for hi in range(h):
+                    p = _projection_weights(proj_logits[bi, hi, sl].double(), keep)
+                    src_k, src_v = (kp, vp) if not causal else (k, v)
+                    kg[bi, hi, c * r:(c + 1) * r] = p.t() @ src_k[bi, hi, sl]
+                    vg[bi, hi, c * r:(c + 1) * r] = p.t() @ src_v[bi, hi, sl]
+                if causal:
+                    col = torch.tensor([c < i // segment_len for i in range(n)])[:, None] & bool(keep.any())
+                else:
+                    col = torch.ones(n, 1, dtype=torch.bool)
+                cols.append(col.expand(n, r))
+            gvis[bi] = torch.cat(cols, dim=1)
+        if global_norm is not None:
+            kg, vg = global_norm(kg), global_norm(vg)
     rows = []
     for bi in range(b):
         heads = []
         for hi in range(h):
-            keys, vals, vis_cols = [kl[bi, hi]], [vl[bi, hi]], [base_vis & ~pad[bi][None, :]]
-            if proj_logits is not None and proj_logits.shape[-1] > 0:
-                lg = proj_logits[bi, hi].double()
-                r = lg.shape[-1]
-                if not causal:
-                    p = _projection_weights(lg, ~pad[bi])
-                    kb, vb = p.t() @ k[bi, hi], p.t() @ v[bi, hi]
-                    if global_norm is not None:
-                        kb, vb = global_norm(kb), global_norm(vb)
-                    keys.append(kb)
-                    vals.append(vb)
-                    vis_cols.append(torch.ones(n, r, dtype=torch.bool))
-                else:
-                    l = segment_len
-                    for c in range(math.ceil(n / l)):
-                        sl = slice(c * l, min((c + 1) * l, n))
-                        keep = ~pad[bi, sl]
-                        p = _projection_weights(lg[sl], keep)
-                        kb, vb = p.t() @ k[bi, hi, sl], p.t() @ v[bi, hi, sl]
-                        if global_norm is not None:
-                            kb, vb = global_norm(kb), global_norm(vb)
-                        keys.append(kb)
-                        vals.append(vb)
-                        col = torch.tensor([c < i // l for i in range(n)])[:, None] & bool(keep.any())
-                        vis_cols.append(col.expand(n, r))
+            keys, vals, vis_cols = [kl[bi, hi]], [vl[bi, hi]], [base_vis & ~pad[bi][None, :], gvis[bi]]
+            if kg is not None:
+                keys.append(kg[bi, hi])
+                vals.append(vg[bi, hi])
             kk, vv, vis = torch.cat(keys), torch.cat(vals), torch.cat(vis_cols, dim=1)
             vis = vis & ~pad[bi][:, None]  # padded queries see nothing
             heads.append(_safe_masked_softmax_apply(q[bi, hi] @ kk.t() * scale, vis, vv))
         rows.append(torch.stack(heads))
-    out = torch.stack(rows)
-    return out
+    return torch.stack(rows)
 
 
 def dense_full(q, k, v, *, causal: bool, key_padding_mask=None, scale=None):
@@ -110,7 +125,8 @@ def dense_full(q, k, v, *, causal: bool, key_padding_mask=None, scale=None):
 
 
 def dense_long_short_2d(q, k, v, proj_logits, *, grid, window: int, num_extra_tokens: int = 0,
-                        key_padding_mask=None, local_norm=None, global_norm=None, scale=None):
+                        key_padding_mask=None, local_norm=None, global_norm=None, scale=None,
+                        window_extension: str = "floor", project_normed: bool = False):
     """Reference 2D long-short attention: extra tokens first, then gh×gw patches row-major."""
     q, k, v = q.double(), k.double(), v.double()
     b, h, n, d = q.shape
@@ -118,7 +134,7 @@ def dense_long_short_2d(q, k, v, proj_logits, *, grid, window: int, num_extra_to
     ne = num_extra_tokens
     scale = d ** -0.5 if scale is None else scale
     pad = torch.zeros(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    e = math.ceil(window / 2) if window else 0
+    e = extension_of(window, window_extension)
     vis_loc = torch.zeros(n, n, dtype=torch.bool)
     vis_loc[:, :ne] = True  # extra tokens are visible to everyone
     vis_loc[:ne, :] = True  # and see everything
@@ -142,8 +158,9 @@ def dense_long_short_2d(q, k, v, proj_logits, *, grid, window: int, num_extra_to
                 keep = ~pad[bi].clone()
                 keep[:ne] = False  # the projection runs over patches only
                 p = _projection_weights(proj_logits[bi, hi].double(), keep)
-                kb, vb = p.t() @ k[bi, hi], p.t() @ v[bi, hi]
-                if global_norm is not None:
+                src_k, src_v = (kl, vl) if project_normed else (k, v)
+                kb, vb = p.t() @ src_k[bi, hi], p.t() @ src_v[bi, hi]
+                if global_norm is not None:  # per-head norms only here (the 2D tests use per-head norms)
                     kb, vb = global_norm(kb), global_norm(vb)
                 keys.append(kb)
                 vals.append(vb)

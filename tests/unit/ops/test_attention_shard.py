@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_ls.ops import full_attention, full_attention_at, long_short_attention, long_short_attention_shard
+from megatron_ls.ops.checks import window_extension
 from megatron_ls.ops.projection import project_causal, project_bidirectional
 
 B, H, N, D = 2, 2, 48, 16
@@ -22,11 +23,12 @@ def _inputs(r, padded, seed=0):
     (True, 8, 4, 2, 16, 16), (True, 8, 4, 2, 0, 16), (True, 12, 4, 1, 36, 12), (True, 0, 4, 2, 24, 24),
     (True, 5, 4, 0, 20, 8), (False, 4, 4, 2, 16, 16), (False, 3, 4, 1, 24, 12), (False, 4, 4, 0, 8, 8)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_shard_equals_slice_of_whole(backend, causal, window, l, r, start, length, padded):
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_shard_equals_slice_of_whole(backend, causal, window, l, r, start, length, padded, rule):
     q, k, v, logits, pad = _inputs(r, padded)
     ref = long_short_attention(q, k, v, logits, window=window, causal=causal, segment_len=l if r else None,
-                               key_padding_mask=pad, backend="torch")
-    e = (window + 1) // 2
+                               key_padding_mask=pad, backend="torch", window_extension=rule)
+    e = window_extension(window, rule)
     hl = min(start, window - 1 if causal else e) if window else 0
     hr = min(N - start - length, 0 if causal else e) if window else 0
     keys = slice(start - hl, start + length + hr)
@@ -47,7 +49,7 @@ def test_shard_equals_slice_of_whole(backend, causal, window, l, r, start, lengt
             window=window, causal=causal, segment_len=l, projection_rank=r,
             key_padding_mask=None if pad is None else pad[:, keys], chunk_valid=chunk_valid,
             query_padding_mask=None if pad is None else pad[:, qs], q_offset=start, halo_left=hl, halo_right=hr,
-            backend=backend)
+            backend=backend, window_extension=rule)
     tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.double(), ref[:, :, qs], **tol)
 

@@ -25,6 +25,18 @@ CASES = [(5, 7, 2, 1, 3), (6, 6, 3, 0, 2), (4, 5, 8, 2, 1), (3, 4, 1, 1, 2), (7,
 @pytest.mark.parametrize("use_ln", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 def test_matches_dense(gh, gw, w, ne, r, use_ln, padded):
+    _check_dense(gh, gw, w, ne, r, use_ln, padded)
+
+
+@pytest.mark.parametrize("gh,gw,w,ne,r", [c for c in CASES if c[2] % 2 == 1 or c[4] > 0])
+@pytest.mark.parametrize("extension", ["floor", "ceil"])
+@pytest.mark.parametrize("project_normed", [False, True])
+def test_released_options_match_dense(gh, gw, w, ne, r, extension, project_normed):
+    """Window extension rule (max(w // 2, 1) or ceil) and projection of the LN_L-normed keys."""
+    _check_dense(gh, gw, w, ne, r, True, True, window_extension=extension, project_normed=project_normed)
+
+
+def _check_dense(gh, gw, w, ne, r, use_ln, padded, **options):
     b, h, d = 2, 2, 8
     n = ne + gh * gw
     q, k, v = (_rand(b, h, n, d, seed=i).requires_grad_() for i in range(3))
@@ -46,7 +58,7 @@ def test_matches_dense(gh, gw, w, ne, r, use_ln, padded):
         if n > 1:
             pad[0, 0] = True  # a padded extra token (or first patch)
     kw = dict(grid=(gh, gw), window=w, num_extra_tokens=ne, key_padding_mask=pad, local_norm=ln_l,
-              global_norm=ln_g, scale=0.4)
+              global_norm=ln_g, scale=0.4, **options)
     if w == 0 and r == 0:
         pytest.skip("both parts off is an error, tested below")
     ref = dense_long_short_2d(q, k, v, pl, **kw)

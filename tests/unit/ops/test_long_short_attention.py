@@ -26,11 +26,28 @@ def _inputs(b, h, n, d, r, dtype=torch.float64, seed=0, proj_scale=1.0):
     return q, k, v, pl
 
 
-def _norms(use_ln, d, seed=1):
+class FullWidthLN(nn.Module):
+    """LayerNorm over all heads' width together on (B, H, *, D) tensors (the released code's DualLN)."""
+
+    def __init__(self, h, d):
+        super().__init__()
+        self.ln = nn.LayerNorm(h * d)
+        self.weight, self.bias = self.ln.weight, self.ln.bias
+
+    def forward(self, x):
+        b, h, n, d = x.shape
+        y = self.ln(x.transpose(1, 2).reshape(b, n, h * d))
+        return y.view(b, n, h, d).transpose(1, 2)
+
+
+def _norms(use_ln, d, seed=1, full_width_heads=0):
     if not use_ln:
         return None, None
     torch.manual_seed(seed)
-    ln_l, ln_g = nn.LayerNorm(d).double(), nn.LayerNorm(d).double()
+    if full_width_heads:
+        ln_l, ln_g = FullWidthLN(full_width_heads, d).double(), FullWidthLN(full_width_heads, d).double()
+    else:
+        ln_l, ln_g = nn.LayerNorm(d).double(), nn.LayerNorm(d).double()
     with torch.no_grad():  # non-trivial affine parameters so their gradients are checked too
         for ln in (ln_l, ln_g):
             ln.weight.uniform_(0.5, 1.5)
@@ -50,12 +67,13 @@ def _pad_mask(b, n, kind):
     return None if kind == "none" else pad
 
 
-def _compare(n, w, l, r, *, causal, use_ln, pad_kind, scale=None, b=2, h=2, d=8, check_flex=True):
+def _compare(n, w, l, r, *, causal, use_ln, pad_kind, scale=None, b=2, h=2, d=8, check_flex=True,
+             extension="floor", project_normed=False, full_width=False):
     q, k, v, pl = _inputs(b, h, n, d, r)
-    ln_l, ln_g = _norms(use_ln, d)
+    ln_l, ln_g = _norms(use_ln, d, full_width_heads=h if full_width else 0)
     pad = _pad_mask(b, n, pad_kind)
     kw = dict(window=w, causal=causal, segment_len=l, key_padding_mask=pad, local_norm=ln_l, global_norm=ln_g,
-              scale=scale)
+              scale=scale, window_extension=extension, project_normed=project_normed)
     params = [q, k, v] + ([pl] if pl is not None else [])
     if use_ln:
         params += list(ln_l.parameters()) + list(ln_g.parameters())
@@ -88,6 +106,27 @@ def test_causal_matches_dense(n, w, l, r, use_ln, pad_kind):
 @pytest.mark.parametrize("pad_kind", ["none", "right", "holes"])
 def test_bidirectional_matches_dense(n, w, r, use_ln, pad_kind):
     _compare(n, w, None, r, causal=False, use_ln=use_ln, pad_kind=pad_kind)
+
+
+@pytest.mark.parametrize("n,w,r", BIDIR_CASES)
+@pytest.mark.parametrize("extension", ["floor", "ceil"])
+@pytest.mark.parametrize("project_normed", [False, True])
+def test_bidirectional_released_options_match_dense(n, w, r, extension, project_normed):
+    """Window extension rule (released max(w // 2, 1) or ceil) and projection of LN_L-normed keys, with
+    full-width DualLN (one LayerNorm over all heads), against the reference."""
+    _compare(n, w, None, r, causal=False, use_ln=True, pad_kind="holes", extension=extension,
+             project_normed=project_normed, full_width=True)
+
+
+@pytest.mark.parametrize("n,w,l,r", CAUSAL_CASES[:6])
+def test_causal_full_width_dual_ln_matches_dense(n, w, l, r):
+    _compare(n, w, l, r, causal=True, use_ln=True, pad_kind="left", full_width=True)
+
+
+def test_project_normed_is_bidirectional_only():
+    q, k, v, pl = _inputs(1, 1, 8, 4, 1)
+    with pytest.raises(ValueError, match="bidirectional"):
+        long_short_attention(q, k, v, pl, window=4, causal=True, segment_len=2, project_normed=True)
 
 
 @pytest.mark.parametrize("causal", [True, False])
