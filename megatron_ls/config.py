@@ -45,7 +45,16 @@ class TransformerConfig:
     projection_rank: int = _f(1, "Dynamic projection rank r per chunk (0 = window-only attention).")
     full_attention_layers: tuple = _f((), "Layer indices (0-based) that use full attention (MASFormer).",
                                       nargs="*", type=int)
-    dual_ln: bool = _f(True, "DualLN on window and projected keys/values.", flag="--no-dual-ln")
+    dual_ln: bool = _f(True, "Turn DualLN off (by default LayerNorms align the window and the projected "
+                             "keys/values).", flag="--no-dual-ln")
+    dual_ln_scope: str = _f("full", "DualLN statistics over all heads' width together (full, the released code) "
+                                    "or per head.", choices=("full", "head"))
+    window_extension: str = _f("floor", "Bidirectional window: keys seen beyond each side of a segment, "
+                                        "max(w // 2, 1) (floor, the released code) or ceil(w / 2).",
+                               choices=("floor", "ceil"))
+    projection_input: str = _f("normed", "Bidirectional layers project the LN_L-normalised keys/values (normed, "
+                                         "the released code) or the raw ones; causal layers always project raw.",
+                               choices=("normed", "raw"))
     causal: bool = _f(True, "Autoregressive attention (GPT-LS); ViT-LS sets it False.", cli=False)
     attention_backend: str = _f("auto", "Long-short attention kernel.", choices=("auto", "torch", "flex"))
     recompute_activations: bool = _f(False, "Recompute each transformer layer in the backward pass.")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from megatron_ls.config import TransformerConfig
-from megatron_ls.model.norms import HeadwiseLayerNorm
+from megatron_ls.model.norms import HeadwiseLayerNorm, dual_ln
 from megatron_ls.ops import full_attention, long_short_attention
 from megatron_ls.parallel import state as ps
 from megatron_ls.parallel.context_parallel import cp_full_attention, cp_long_short_attention, get_context_layout
@@ -47,6 +47,9 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.rank = 0 if self.full else config.projection_rank
         self.window = 0 if self.full else config.window_size
+        # the released bidirectional code projects the LN_L-normalised keys, its autoregressive code the raw ones
+        self.project_normed = (not config.causal and config.projection_input == "normed" and config.dual_ln
+                               and self.rank > 0)
         # Per head: [q (D) | k (D) | v (D) | projection logits (r)], heads contiguous so a TP shard is whole heads.
         self.per_head = 3 * self.head_dim + self.rank
         self.qkvp = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * self.per_head,
@@ -60,10 +63,11 @@ class SelfAttention(nn.Module):
         self.global_norm: Optional[HeadwiseLayerNorm] = None
         if not self.full and config.dual_ln:
             eps = config.layernorm_epsilon
-            if self.window > 0:
-                self.local_norm = HeadwiseLayerNorm(self.num_heads, self.head_dim, eps)
+            scope = config.dual_ln_scope
+            if self.window > 0 or (self.rank > 0 and self.project_normed):
+                self.local_norm = dual_ln(scope, self.num_heads, self.head_dim, eps)
             if self.rank > 0:
-                self.global_norm = HeadwiseLayerNorm(self.num_heads, self.head_dim, eps)
+                self.global_norm = dual_ln(scope, self.num_heads, self.head_dim, eps)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Under context parallelism ``x`` and the mask hold this rank's tokens (see ``parallel.cp_layout``)."""
@@ -87,7 +91,8 @@ class SelfAttention(nn.Module):
                               segment_len=self.config.segment_length if self.rank > 0 else None,
                               key_padding_mask=key_padding_mask, local_norm=self.local_norm,
                               global_norm=self.global_norm, dropout_p=dropout_p,
-                              backend=self.config.attention_backend)
+                              backend=self.config.attention_backend,
+                              window_extension=self.config.window_extension, project_normed=self.project_normed)
                 if cp > 1:
                     ctx = cp_long_short_attention(q, k, v, proj_logits, layout=get_context_layout(n * cp), **kwargs)
                 else:

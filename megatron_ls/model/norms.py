@@ -1,9 +1,12 @@
-"""Normalisation layers: per-head LayerNorm for DualLN."""
+"""Normalisation layers for DualLN: per head, or over the full width of all heads (the released code)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron_ls.parallel import state as ps
+from megatron_ls.parallel.mappings import sum_over_tensor_model_parallel_region
 
 
 class HeadwiseLayerNorm(nn.Module):
@@ -33,3 +36,44 @@ class HeadwiseLayerNorm(nn.Module):
         shape = (self.weight.shape[0],) + (1,) * (x.dim() - 3) + (self.weight.shape[1],)
         y = y * self.weight.to(compute).view(shape) + self.bias.to(compute).view(shape)
         return y.to(x.dtype)
+
+
+class FullWidthLayerNorm(HeadwiseLayerNorm):
+    """LayerNorm over all heads' keys/values of a token together (width ``H·D``), as the authors' released code.
+
+    Same ``(H, D)`` parameters as :class:`HeadwiseLayerNorm` (a TP rank holds its heads' rows, so checkpoints of
+    both scopes have the same shapes), but one mean and variance per token over every head. Under tensor
+    parallelism the heads are split across ranks: the statistics are summed over the TP group (one all-reduce of
+    ``2`` values per token forward, one backward).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads, d = self.weight.shape
+        if x.dim() != 4 or x.shape[1] != heads or x.shape[-1] != d:
+            raise ValueError(f"FullWidthLayerNorm expects (B, {heads}, N, {d}), got {tuple(x.shape)}")
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        xc = x.to(compute)
+        w, b = self.weight.to(compute)[None, :, None, :], self.bias.to(compute)[None, :, None, :]
+        tp = ps.get_tensor_model_parallel_world_size()
+        if tp == 1:
+            bsz, _, n, _ = x.shape
+            flat = xc.transpose(1, 2).reshape(bsz, n, heads * d)
+            y = F.layer_norm(flat, (heads * d,), eps=self.eps).view(bsz, n, heads, d).transpose(1, 2)
+            return (y * w + b).to(x.dtype)
+        width = heads * d * tp
+        # one all-reduce for both moments: [Σx, Σx²] per token over this rank's heads
+        moments = torch.stack([xc.sum(dim=(1, 3)), xc.square().sum(dim=(1, 3))], dim=-1)
+        moments = sum_over_tensor_model_parallel_region(moments) / width
+        mean = moments[..., 0][:, None, :, None]
+        var = (moments[..., 1][:, None, :, None] - mean.square()).clamp(min=0.0)
+        y = (xc - mean) * torch.rsqrt(var + self.eps)
+        return (y * w + b).to(x.dtype)
+
+
+def dual_ln(scope: str, num_heads: int, head_dim: int, eps: float) -> HeadwiseLayerNorm:
+    """The DualLN LayerNorm for ``--dual-ln-scope`` (``full`` or ``head``)."""
+    if scope == "full":
+        return FullWidthLayerNorm(num_heads, head_dim, eps)
+    if scope == "head":
+        return HeadwiseLayerNorm(num_heads, head_dim, eps)
+    raise ValueError(f"--dual-ln-scope must be 'full' or 'head', got {scope!r}")

@@ -7,6 +7,7 @@ copy_to_tensor_model_parallel_region      identity                all-reduce
 reduce_from_tensor_model_parallel_region  all-reduce              identity
 scatter_to_tensor_model_parallel_region   keep own last-dim chunk all-gather (last dim)
 gather_from_tensor_model_parallel_region  all-gather (last dim)   keep own chunk
+sum_over_tensor_model_parallel_region     all-reduce              all-reduce
 =======================================  ======================  ======================
 
 All are the identity when the TP size is 1. Every collective is recorded in ``comm_stats``.
@@ -89,6 +90,16 @@ class _GatherFromTP(torch.autograd.Function):
         return _split_last(grad)
 
 
+class _SumOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce_tp(x, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce_tp(grad, "backward")
+
+
 def _tp_active() -> bool:
     return state.get_tensor_model_parallel_world_size() > 1
 
@@ -111,3 +122,9 @@ def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
 def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     """All-gather along the last dim forward; keep this rank's chunk of the gradient backward."""
     return _GatherFromTP.apply(x) if _tp_active() else x
+
+
+def sum_over_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce forward and backward: a sum of per-rank partial values that every rank then uses
+    (e.g. LayerNorm statistics over heads split across TP ranks)."""
+    return _SumOverTP.apply(x) if _tp_active() else x

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.distributed
 WORKER = "tests/distributed/workers/worker.py"
 LAYER_CHECKS = ["column", "row", "mlp-comm", "embedding+lm-head+ce", "cross-entropy", "scatter-gather"]
 RNG_CHECKS = ["rng-tracker", "rng-seed"]
-MODEL_COMM_CHECKS = ["ls-layer-comm", "full-layer-comm"]  # the lead's TransformerLayer on our layers
+MODEL_COMM_CHECKS = ["ls-layer-comm", "ls-layer-full-width-dual-ln-comm", "full-layer-comm"]  # the lead's TransformerLayer on our layers
 
 
 def _tag(layout: str) -> str:

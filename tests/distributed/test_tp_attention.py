@@ -1,4 +1,5 @@
-"""Tensor-parallel LS attention (heads, projection logits and DualLN sharded) equals the single-process module."""
+"""Tensor-parallel LS attention (heads, projection logits and DualLN sharded; full-width DualLN statistics reduced
+over TP) equals the single-process module."""
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import check_tp_attention as worker  # noqa: E402
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_attention_matches_single_process(tmp_path, tp):
     # Reference in this process: no parallel state, so the module is an ordinary single-device nn.Module.
-    reference = {f"{full}-{dual_ln}": worker.run(worker.build(full, dual_ln)) for full, dual_ln in worker.CASES}
+    reference = {f"{full}-{dual_ln}-{scope}": worker.run(worker.build(full, dual_ln, scope))
+                 for full, dual_ln, scope in worker.CASES}
     for entry in reference.values():
         entry.pop("dims")
     path = tmp_path / "reference.pt"

@@ -14,10 +14,10 @@ from megatron_ls.model.init_rng import seeded_init
 from megatron_ls.parallel import state as ps
 
 
-def build(full: bool, dual_ln: bool) -> SelfAttention:
+def build(full: bool, dual_ln: bool, scope: str = "full") -> SelfAttention:
     cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=24, window_size=6,
                             segment_length=3, projection_rank=2, hidden_dropout=0.0, attention_dropout=0.0,
-                            dual_ln=dual_ln, full_attention_layers=(0,) if full else ())
+                            dual_ln=dual_ln, full_attention_layers=(0,) if full else (), dual_ln_scope=scope)
     with seeded_init(11, 0):
         attn = SelfAttention(cfg, 0).double()
     if not full and dual_ln:  # non-trivial per-head DualLN parameters (identical full values on every layout)
@@ -41,7 +41,7 @@ def run(attn: SelfAttention) -> dict:
                      for name, p in attn.named_parameters()}}
 
 
-CASES = [(False, True), (False, False), (True, True)]
+CASES = [(False, True, "full"), (False, True, "head"), (False, False, "full"), (True, True, "full")]
 
 
 def main(ref_path: str) -> None:
@@ -50,8 +50,8 @@ def main(ref_path: str) -> None:
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     rank = ps.get_tensor_model_parallel_rank()
     reference = torch.load(ref_path, weights_only=True)
-    for full, dual_ln in CASES:
-        ref, got = reference[f"{full}-{dual_ln}"], run(build(full, dual_ln))
+    for full, dual_ln, scope in CASES:
+        ref, got = reference[f"{full}-{dual_ln}-{scope}"], run(build(full, dual_ln, scope))
         torch.testing.assert_close(got["y"], ref["y"], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["dx"], ref["dx"], rtol=1e-10, atol=1e-10)
         for name, g in got["grads"].items():
@@ -61,7 +61,7 @@ def main(ref_path: str) -> None:
                 per = want.shape[dim] // tp
                 want = want.narrow(dim, rank * per, per)
             torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
-        print(f"CHECK-OK tp-attention full={full} dual_ln={dual_ln}", flush=True)
+        print(f"CHECK-OK tp-attention full={full} dual_ln={dual_ln} scope={scope}", flush=True)
     ps.destroy_model_parallel()
     ps.shutdown_distributed()
 

@@ -27,10 +27,20 @@ def _heads(module, x):
     return mixed[..., :d], mixed[..., d:2 * d], mixed[..., 2 * d:3 * d], mixed[..., 3 * d:]
 
 
-@pytest.mark.parametrize("dual_ln", [True, False])
-def test_long_short_module_matches_dense_reference(dual_ln):
+def _full_width(norm):
+    """The released code's DualLN written directly: one LayerNorm over all heads' width of each token."""
+    def apply(t):
+        b, h, n, d = t.shape
+        flat = t.transpose(1, 2).reshape(b, n, h * d)
+        y = torch.nn.functional.layer_norm(flat, (h * d,), norm.weight.reshape(-1), norm.bias.reshape(-1), norm.eps)
+        return y.view(b, n, h, d).transpose(1, 2)
+    return apply
+
+
+@pytest.mark.parametrize("dual_ln,scope", [(True, "head"), (True, "full"), (False, "full")])
+def test_long_short_module_matches_dense_reference(dual_ln, scope):
     torch.manual_seed(0)
-    cfg = _config(dual_ln=dual_ln)
+    cfg = _config(dual_ln=dual_ln, dual_ln_scope=scope)
     attn = LongShortAttention(cfg).double()
     if dual_ln:  # make the DualLN affine parameters non-trivial so their wiring is checked too
         with torch.no_grad():
@@ -47,10 +57,14 @@ def test_long_short_module_matches_dense_reference(dual_ln):
             return None
         return lambda t: torch.nn.functional.layer_norm(t, (t.shape[-1],), norm.weight[h], norm.bias[h], norm.eps)
 
-    ctx = torch.cat([dense_long_short(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], p[:, h:h + 1], window=8,
-                                      causal=True, segment_len=4, local_norm=head_norm(attn.local_norm, h),
-                                      global_norm=head_norm(attn.global_norm, h))
-                     for h in range(attn.num_heads)], dim=1)
+    if dual_ln and scope == "full":
+        ctx = dense_long_short(q, k, v, p, window=8, causal=True, segment_len=4,
+                               local_norm=_full_width(attn.local_norm), global_norm=_full_width(attn.global_norm))
+    else:
+        ctx = torch.cat([dense_long_short(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], p[:, h:h + 1], window=8,
+                                          causal=True, segment_len=4, local_norm=head_norm(attn.local_norm, h),
+                                          global_norm=head_norm(attn.global_norm, h))
+                         for h in range(attn.num_heads)], dim=1)
     ref = attn.dense(ctx.transpose(1, 2).reshape(2, 37, cfg.hidden_size))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
