@@ -4,7 +4,9 @@
   python tools/convert_checkpoint.py --load ckpt_tp2pp2 --save ckpt_tp1 --target-tensor-parallel-size 1
   python tools/convert_checkpoint.py --load ckpt_tp2pp2 --consolidated-dir model_for_inference
 
-The re-sharded checkpoint holds model weights only: continue training from it with ``--load DIR --finetune``.
+Checkpoints saved with context parallelism convert like any other (CP replicates the weights; the result has
+CP = 1 and DP = 1). The re-sharded checkpoint holds model weights only: continue training from it with
+``--load DIR --finetune``.
 The consolidated directory holds ``model.safetensors`` (full weights, GPTModel names) and ``config.json``.
 """
 from __future__ import annotations
