@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="consolidated dir (convert_checkpoint.py) or a TP1/PP1 --save dir (any DP/CP)")
+    p.add_argument("--load", required=True,
+                   help="consolidated dir (convert_checkpoint.py) or a TP1/PP1 --save dir (any DP/CP)")
     p.add_argument("--data-path", required=True, help="dataset prefix (.bin/.idx)")
     p.add_argument("--split", default="969,30,1", help="same split as training; the test part is evaluated")
     p.add_argument("--split-part", choices=("train", "valid", "test"), default="test")
