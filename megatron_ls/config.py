@@ -35,7 +35,11 @@ class TransformerConfig:
     vocab_size: int = _f(256, "Padded vocabulary size (set from the tokenizer when training).", cli=False)
     seq_length: int = _f(512, "Maximum sequence length to process.")
     max_position_embeddings: Optional[int] = _f(None, "Size of the learned position table (default seq length).")
-    position_embedding_type: str = _f("learned", "Absolute position embedding.", choices=("learned", "none"))
+    position_embedding_type: str = _f("learned", "Position embedding: a learned absolute table, rotary (RoPE on "
+                                                 "queries and keys; no length limit), or none.",
+                                      choices=("learned", "rope", "none"))
+    rotary_base: float = _f(10000.0, "RoPE base (with --position-embedding-type rope).")
+    rotary_percent: float = _f(1.0, "Fraction of each head's channels that RoPE rotates.")
     hidden_dropout: float = _f(0.1, "Dropout on the residual branches and embeddings.")
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
     layernorm_epsilon: float = _f(1e-5, "LayerNorm epsilon.")
@@ -112,6 +116,18 @@ class TransformerConfig:
         if self.position_embedding_type == "learned" and self.max_position_embeddings < self.seq_length:
             problems.append(f"--max-position-embeddings {self.max_position_embeddings} is smaller than "
                             f"--seq-length {self.seq_length}")
+        if self.position_embedding_type == "rope":
+            if not self.causal:
+                problems.append("--position-embedding-type rope is supported for causal models only (the "
+                                "bidirectional projection keys have no position)")
+            if not 0.0 < self.rotary_percent <= 1.0:
+                problems.append(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+            elif self.hidden_size % max(self.num_attention_heads, 1) == 0 and int(
+                    self.head_dim * self.rotary_percent) < 2:
+                problems.append(f"--rotary-percent {self.rotary_percent} rotates no channel of a "
+                                f"{self.head_dim}-channel head")
+            if self.rotary_base <= 1:
+                problems.append(f"--rotary-base must be > 1, got {self.rotary_base}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")

@@ -14,7 +14,7 @@ from torch import nn
 
 from megatron_ls.config import TransformerConfig
 from megatron_ls.model.norms import HeadwiseLayerNorm, dual_ln
-from megatron_ls.ops import full_attention, long_short_attention
+from megatron_ls.ops import Rotary, full_attention, long_short_attention
 from megatron_ls.parallel import state as ps
 from megatron_ls.parallel.context_parallel import cp_full_attention, cp_long_short_attention, get_context_layout
 from megatron_ls.parallel.init import init_method_normal, scaled_init_method_normal
@@ -59,6 +59,9 @@ class SelfAttention(nn.Module):
                                        bias=True, input_is_parallel=True,
                                        init_method=scaled_init_method_normal(config.init_method_std,
                                                                              config.num_layers))
+        self.rotary: Optional[Rotary] = None
+        if config.position_embedding_type == "rope":
+            self.rotary = Rotary.for_head(self.head_dim, config.rotary_base, config.rotary_percent)
         self.local_norm: Optional[HeadwiseLayerNorm] = None
         self.global_norm: Optional[HeadwiseLayerNorm] = None
         if not self.full and config.dual_ln:
@@ -77,10 +80,14 @@ class SelfAttention(nn.Module):
         q, k, v = mixed[..., :d], mixed[..., d:2 * d], mixed[..., 2 * d:3 * d]
         dropout_p = self.config.attention_dropout if self.training else 0.0
         cp = ps.get_context_parallel_world_size()
+        layout = get_context_layout(n * cp) if cp > 1 else None
+        positions = torch.arange(n, device=x.device) if layout is None else layout.local_positions(x.device)
         with _model_parallel_rng():
             if self.full:
+                if self.rotary is not None:
+                    q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
                 if cp > 1:
-                    ctx = cp_full_attention(q, k, v, layout=get_context_layout(n * cp), causal=self.config.causal,
+                    ctx = cp_full_attention(q, k, v, layout=layout, causal=self.config.causal,
                                             key_padding_mask=key_padding_mask, dropout_p=dropout_p)
                 else:
                     ctx = full_attention(q, k, v, causal=self.config.causal, key_padding_mask=key_padding_mask,
@@ -92,11 +99,12 @@ class SelfAttention(nn.Module):
                               key_padding_mask=key_padding_mask, local_norm=self.local_norm,
                               global_norm=self.global_norm, dropout_p=dropout_p,
                               backend=self.config.attention_backend,
-                              window_extension=self.config.window_extension, project_normed=self.project_normed)
+                              window_extension=self.config.window_extension, project_normed=self.project_normed,
+                              rotary=self.rotary)
                 if cp > 1:
-                    ctx = cp_long_short_attention(q, k, v, proj_logits, layout=get_context_layout(n * cp), **kwargs)
+                    ctx = cp_long_short_attention(q, k, v, proj_logits, layout=layout, **kwargs)
                 else:
-                    ctx = long_short_attention(q, k, v, proj_logits, **kwargs)
+                    ctx = long_short_attention(q, k, v, proj_logits, positions=positions, **kwargs)
         ctx = ctx.transpose(1, 2).reshape(b, n, self.num_heads * d)
         return self.dense(ctx)
 

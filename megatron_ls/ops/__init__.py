@@ -7,6 +7,7 @@ pieces context parallelism calls on local + received tensors: :func:`long_short_
 from .full import full_attention, full_attention_at
 from .long_short import long_short_attention, long_short_attention_shard, select_backend
 from .long_short_2d import long_short_attention_2d
+from .rotary import Rotary
 
 __all__ = ["long_short_attention", "long_short_attention_2d", "full_attention", "select_backend",
-           "long_short_attention_shard", "full_attention_at"]
+           "long_short_attention_shard", "full_attention_at", "Rotary"]

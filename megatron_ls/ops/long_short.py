@@ -15,6 +15,7 @@ from . import checks
 from .blockwise import LongShortCore, attention_with_dropout, make_plan
 from .flex import flex_available, flex_long_short
 from .projection import num_causal_chunks, project_bidirectional, project_causal
+from .rotary import Rotary
 
 Norm = Optional[Callable[[torch.Tensor], torch.Tensor]]
 _FLEX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,7 +47,8 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
                          key_padding_mask: Optional[torch.Tensor] = None, local_norm: Norm = None,
                          global_norm: Norm = None, dropout_p: float = 0.0, scale: Optional[float] = None,
                          backend: str = "auto", window_extension: str = "floor",
-                         project_normed: bool = False) -> torch.Tensor:
+                         project_normed: bool = False, rotary: Optional[Rotary] = None,
+                         positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Long-short attention of Transformer-LS; returns (B, H, N, D) in q's dtype.
 
     q, k, v: (B, H, N, D). proj_logits: (B, H, N, r) or None. Local keys/values are ``local_norm(k/v)`` inside
@@ -56,6 +58,8 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
     sequence (bidirectional) or inside each chunk of ``segment_len`` (causal: query t sees chunks < t // l);
     with ``project_normed`` (bidirectional only, the released LRA/vision code) P applies to ``local_norm(k/v)``.
     Norms are callables on (B, H, *, D) tensors (per head, or over all heads' width together).
+    ``rotary`` (causal only): RoPE on q, the normed window keys and the normed compressed keys (at their chunk's
+    last position), with token ``i`` at ``positions[i]`` (default ``i``); see ``ops/rotary.py``.
     ``key_padding_mask`` (B, N) bool, True = padding; padded query rows and rows with no visible key are 0.
     ``segment_len`` is only used in causal mode. See docs/attention.md for the full contract.
     """
@@ -71,6 +75,9 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
     checks.check_norm("local_norm", local_norm)
     checks.check_norm("global_norm", global_norm)
     extension = checks.window_extension(window, window_extension)
+    if rotary is not None and not causal:
+        raise ValueError("rotary position embedding is supported for causal long-short attention only (the "
+                         "bidirectional projection keys have no position); use learned or no positions")
     if project_normed and causal:
         raise ValueError("project_normed applies to bidirectional attention only (the released autoregressive "
                          "code compresses the raw keys/values)")
@@ -106,6 +113,16 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
             k_glob = _apply_norm("global_norm", global_norm, k_glob)
             v_glob = _apply_norm("global_norm", global_norm, v_glob)
     n_global = 0 if k_glob is None else k_glob.shape[2]
+    if rotary is not None:
+        pos = torch.arange(n, device=q.device) if positions is None else positions
+        q_att = rotary.rotate(q, pos)
+        if k_loc is not None:
+            k_loc = rotary.rotate(k_loc, pos)
+        if k_glob is not None:
+            last = (torch.arange(n_global // rank, device=q.device) + 1) * seg - 1
+            k_glob = rotary.rotate(k_glob, pos[..., last].repeat_interleave(rank, dim=-1))
+    else:
+        q_att = q
 
     if window == 0 and n_global == 0:
         # causal projection-only with N <= segment_len: no query sees any key. Tie every input in with a zero
@@ -113,7 +130,7 @@ def long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
         out = (q + k + v + proj_logits.sum(dim=-1, keepdim=True)) * 0
     else:
         out = long_short_attention_shard(
-            q, k_loc, v_loc, k_glob, v_glob, window=window, causal=causal, segment_len=seg, projection_rank=rank,
+            q_att, k_loc, v_loc, k_glob, v_glob, window=window, causal=causal, segment_len=seg, projection_rank=rank,
             key_padding_mask=pad, query_padding_mask=pad, chunk_valid=chunk_valid, dropout_p=dropout_p,
             scale=scale, backend=backend, window_extension=window_extension)
     return out

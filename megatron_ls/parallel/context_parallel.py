@@ -24,6 +24,7 @@ import torch
 from megatron_ls.ops import full_attention_at, long_short_attention_shard
 from megatron_ls.ops.checks import window_extension as window_extension_size
 from megatron_ls.ops.projection import finish_projection, project_causal, projection_partials
+from megatron_ls.ops.rotary import Rotary, chunk_positions
 from megatron_ls.parallel import state
 from megatron_ls.parallel.cp_comm import (
     all_reduce_max_no_grad,
@@ -72,7 +73,7 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             key_padding_mask: Optional[torch.Tensor] = None, local_norm: Norm = None,
                             global_norm: Norm = None, dropout_p: float = 0.0, scale: Optional[float] = None,
                             backend: str = "auto", window_extension: str = "floor",
-                            project_normed: bool = False) -> torch.Tensor:
+                            project_normed: bool = False, rotary: Optional[Rotary] = None) -> torch.Tensor:
     """Long-short attention of this rank's tokens; same contract (and keywords) as ``ops.long_short_attention``
     on the full sequence (whose outputs this equals, rank by rank). ``q, k, v`` (B, H, n_local, D), ``proj_logits``
     (B, H, n_local, r) or None, ``key_padding_mask`` (B, n_local), all in local order."""
@@ -82,6 +83,10 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         raise ValueError(f"context parallel attention expects {layout.local_length} local tokens, got {q.shape[2]}")
     pad = key_padding_mask
     b, h, n_loc, d = q.shape
+    if rotary is not None and not causal:
+        raise ValueError("rotary position embedding is supported for causal long-short attention only")
+    positions = layout.local_positions(q.device)
+    q_att = q if rotary is None else rotary.rotate(q, positions)
 
     kv_ext = pad_ext = plan = k_loc = v_loc = None
     if project_normed and causal:
@@ -90,7 +95,8 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         e = window_extension_size(window, window_extension)
         plan = build_halo_plan(layout, window - 1 if causal else e, 0 if causal else e)
         k_loc, v_loc = _norm(local_norm, k), _norm(local_norm, v)
-        kv_ext = extend_with_halos(torch.cat([k_loc, v_loc], dim=-1), plan)
+        k_win = k_loc if rotary is None else rotary.rotate(k_loc, positions)  # halos arrive rotated
+        kv_ext = extend_with_halos(torch.cat([k_win, v_loc], dim=-1), plan)
         if pad is not None:
             pad_ext = extend_with_halos_no_grad(pad[:, None, :, None], plan)[:, 0, :, 0]
 
@@ -99,14 +105,18 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         if causal:
             l = segment_len
             kc, vc, valid = [], [], []
-            for kp, vp, lp, padp in zip(_pieces(k, layout), _pieces(v, layout), _pieces(proj_logits, layout),
-                                        _pieces(pad, layout, dim=1)):
+            for (start, _), kp, vp, lp, padp in zip(layout.pieces(), _pieces(k, layout), _pieces(v, layout),
+                                                    _pieces(proj_logits, layout), _pieces(pad, layout, dim=1)):
                 kb, vb, cv = project_causal(kp, vp, lp, padp, l, num_chunks=layout.piece_length // l)
+                if rotary is not None:  # normed, then rotated by each chunk's last position
+                    cpos = chunk_positions(start // l, layout.piece_length // l, rank_r, l, q.device)
+                    kb = rotary.rotate(_norm(global_norm, kb), cpos)
                 kc.append(kb)
                 vc.append(vb)
                 valid.append(cv)
-            kv = torch.cat([_norm(global_norm, torch.cat(kc, dim=2)), _norm(global_norm, torch.cat(vc, dim=2))],
-                           dim=-1)
+            k_all = torch.cat(kc, dim=2)
+            kv = torch.cat([k_all if rotary is not None else _norm(global_norm, k_all),
+                            _norm(global_norm, torch.cat(vc, dim=2))], dim=-1)
             chunk_layout = ContextLayout(layout.seq_length // l * rank_r, layout.cp, layout.rank, layout.kind)
             kv = gather_sequence(kv, chunk_layout)
             k_glob, v_glob = kv[..., :d], kv[..., d:]
@@ -145,7 +155,7 @@ def cp_long_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
             outs.append((q[:, :, sl] + k[:, :, sl] + v[:, :, sl] + tie) * 0)
             continue
         outs.append(long_short_attention_shard(
-            q[:, :, sl], k_piece, v_piece, k_glob, v_glob, window=window, causal=causal,
+            q_att[:, :, sl], k_piece, v_piece, k_glob, v_glob, window=window, causal=causal,
             segment_len=segment_len or 0, projection_rank=rank_r, key_padding_mask=key_pad,
             query_padding_mask=None if pad is None else pad[:, sl], chunk_valid=chunk_valid, q_offset=start,
             halo_left=hl, halo_right=hr, dropout_p=dropout_p, scale=scale, backend=backend,

@@ -26,8 +26,10 @@ def test_loss_falls_and_reports_bits_per_byte(corpus_prefix, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
 
 
-def test_resume_reproduces_uninterrupted_run(corpus_prefix, tmp_path):
-    common = ("--train-iters", "6", "--lr-warmup-iters", "2", "--eval-interval", "2")
+@pytest.mark.parametrize("positions", ["learned", pytest.param("rope", marks=pytest.mark.slow)])
+def test_resume_reproduces_uninterrupted_run(corpus_prefix, tmp_path, positions):
+    common = ("--train-iters", "6", "--lr-warmup-iters", "2", "--eval-interval", "2",
+              "--position-embedding-type", positions)
     full = iteration_losses(run_cli(pretrain_cmd(corpus_prefix, *common)).stdout)
     ckpt = tmp_path / "ckpt"
     first = run_cli(pretrain_cmd(corpus_prefix, *common, "--save", str(ckpt), "--save-interval", "2",

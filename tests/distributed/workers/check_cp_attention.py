@@ -10,7 +10,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from megatron_ls.ops import full_attention, long_short_attention
+from megatron_ls.ops import Rotary, full_attention, long_short_attention
 from megatron_ls.parallel import CommCounter
 from megatron_ls.parallel import state as ps
 from megatron_ls.parallel.context_parallel import cp_full_attention, cp_long_short_attention
@@ -31,6 +31,8 @@ CASES = [
     ("bidir-odd-window-ceil-normed-projection", False, 3, 4, 2, 48, True,
      dict(window_extension="ceil", project_normed=True)),
     ("bidir-normed-projection", False, 4, 4, 2, 32, True, dict(project_normed=True)),
+    ("causal-rope", True, 8, 4, 2, 32, True, dict(rotary=Rotary(100.0, 6))),
+    ("causal-rope-shard-shorter-than-window", True, 12, 4, 1, 32, False, dict(rotary=Rotary(100.0, 8))),
 ]
 B, H, D = 2, 2, 8
 

@@ -56,17 +56,31 @@ def local_visibility(n: int, window: int, causal: bool, extension: str = "floor"
     return vis
 
 
+def rope_reference(x, positions, base: float, dim: int):
+    """RoPE written with complex numbers: channel pairs (i, i + dim/2) turned by angle pos · base^(-2i/dim)."""
+    half = dim // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:dim].double())
+    theta = positions.double()[:, None] * base ** (-2.0 * torch.arange(half, dtype=torch.float64) / dim)
+    z = z * torch.polar(torch.ones_like(theta), theta)
+    return torch.cat([z.real, z.imag, x[..., dim:].double()], dim=-1)
+
+
 def dense_long_short(q, k, v, proj_logits, *, window: int, causal: bool, segment_len: Optional[int] = None,
                      key_padding_mask=None, local_norm=None, global_norm=None, scale=None,
-                     window_extension: str = "floor", project_normed: bool = False):
-    """Reference long-short attention, computed in float64 and returned in float64."""
+                     window_extension: str = "floor", project_normed: bool = False, rotary=None, positions=None):
+    """Reference long-short attention, computed in float64 and returned in float64.
+
+    ``rotary`` = (base, dim): q and the normed window keys rotated by their positions, compressed keys of chunk c
+    by the position of the chunk's last token (``positions`` default 0..N-1)."""
     q, k, v = q.double(), k.double(), v.double()
     b, h, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     pad = torch.zeros(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.cpu()
     kl = local_norm(k) if local_norm is not None else k
     vl = local_norm(v) if local_norm is not None else v
-    out = torch.zeros_like(q)
+    pos = torch.arange(n) if positions is None else positions
+    k_win = kl if rotary is None else rope_reference(kl, pos, *rotary)
+    q_att = q if rotary is None else rope_reference(q, pos, *rotary)
     base_vis = local_visibility(n, window, causal, window_extension)
     kp = k if not project_normed else (local_norm(k) if local_norm is not None else k)  # projection sources
     vp = v if not project_normed else (local_norm(v) if local_norm is not None else v)
@@ -97,17 +111,20 @@ def dense_long_short(q, k, v, proj_logits, *, window: int, causal: bool, segment
             gvis[bi] = torch.cat(cols, dim=1)
         if global_norm is not None:
             kg, vg = global_norm(kg), global_norm(vg)
+        if rotary is not None:
+            last = torch.tensor([min((c + 1) * segment_len, n) - 1 for c in range(len(chunks)) for _ in range(r)])
+            kg = rope_reference(kg, pos[last], *rotary)
     rows = []
     for bi in range(b):
         heads = []
         for hi in range(h):
-            keys, vals, vis_cols = [kl[bi, hi]], [vl[bi, hi]], [base_vis & ~pad[bi][None, :], gvis[bi]]
+            keys, vals, vis_cols = [k_win[bi, hi]], [vl[bi, hi]], [base_vis & ~pad[bi][None, :], gvis[bi]]
             if kg is not None:
                 keys.append(kg[bi, hi])
                 vals.append(vg[bi, hi])
             kk, vv, vis = torch.cat(keys), torch.cat(vals), torch.cat(vis_cols, dim=1)
             vis = vis & ~pad[bi][:, None]  # padded queries see nothing
-            heads.append(_safe_masked_softmax_apply(q[bi, hi] @ kk.t() * scale, vis, vv))
+            heads.append(_safe_masked_softmax_apply(q_att[bi, hi] @ kk.t() * scale, vis, vv))
         rows.append(torch.stack(heads))
     return torch.stack(rows)
 
