@@ -62,7 +62,8 @@ def masked_token_mean(losses: torch.Tensor, loss_mask: Optional[torch.Tensor] = 
     all-reduced one, so a rank whose slice is all masked contributes 0, not NaN. A fully masked micro-batch
     gives 0.
     """
-    losses = losses.float()
+    if losses.dtype in (torch.float16, torch.bfloat16):
+        losses = losses.float()
     cp = ps.get_context_parallel_world_size()
     if loss_mask is None:  # every CP rank holds as many tokens: CP x local sum / global count = local mean
         return losses.mean()

@@ -64,7 +64,8 @@ def _check(kind: str, reference: tuple) -> None:
     cp, group = state.get_context_parallel_world_size(), state.get_context_parallel_group()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss, group=group)
-    torch.testing.assert_close(mean_loss / cp, ref_loss, rtol=1e-12, atol=1e-12)
+    # the cross entropy runs in float32: the sums differ only in their order
+    torch.testing.assert_close(mean_loss / cp, ref_loss, rtol=1e-6, atol=0.0)
     for (name, param), ref in zip(model.named_parameters(), ref_grads):
         grad = param.grad.clone()
         dist.all_reduce(grad, group=group)
