@@ -143,9 +143,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "Pipeline model parallel size (layers split into stages).")
     context_parallel_size: int = _f(1, "Context parallel size: every sample's sequence is split over this many "
                                        "ranks, which hold the same weights (gradients reduce over DP x CP).")
-    context_parallel_layout: str = _f("contiguous", "Which tokens each context-parallel rank holds: 'contiguous' "
-                                      "(rank i: one piece, the i-th of CP) or 'balanced' (2 x CP pieces, rank i "
-                                      "holds pieces i and 2CP-1-i: even causal work).",
+    context_parallel_layout: str = _f("balanced", "Which tokens each context-parallel rank holds: 'balanced' "
+                                      "(2 x CP pieces, rank i holds pieces i and 2CP-1-i: even causal work, "
+                                      "Megatron's layout) or 'contiguous' (rank i: the i-th of CP pieces).",
                                       choices=("contiguous", "balanced"))
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0-3; at most 1 with pipeline parallelism).",
                          choices=(0, 1, 2, 3))

