@@ -85,17 +85,23 @@ def load_training_checkpoint_tp1(load_dir: str) -> tuple[TransformerConfig, dict
 
 def load_gpt_model(path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
     """A single-process ``GPTModel`` in eval mode from a consolidated or a TP1/PP1 training checkpoint."""
-    from megatron_ls.model import GPTModel
-
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         config, state, metadata = load_consolidated(path)
     else:
         config, state, metadata = load_training_checkpoint_tp1(path)
+    return build_gpt_model(config, state, path, device, dtype), config, metadata
+
+
+def build_gpt_model(config: TransformerConfig, state: dict, path: str, device: str | torch.device = "cpu",
+                    dtype: Optional[torch.dtype] = None):
+    """A single-process ``GPTModel`` in eval mode, without dropout, holding the full weights ``state``."""
+    from megatron_ls.model import GPTModel
+
     config.hidden_dropout = config.attention_dropout = 0.0
+    config.recompute_activations = False
     model = GPTModel(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise InferenceCheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
-                                       f"unexpected {unexpected[:5]})")
-    model.to(device=device, dtype=dtype).eval()
-    return model, config, metadata
+        raise InferenceCheckpointError(f"{path}: weights do not match the model (missing {list(missing)[:5]}, "
+                                       f"unexpected {list(unexpected)[:5]})")
+    return model.to(device=device, dtype=dtype).eval()
