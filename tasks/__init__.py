@@ -1,0 +1,1 @@
+"""Downstream tasks (Megatron's ``tasks/``): sequence classification on LRA ListOps and the long-range probe."""
