@@ -40,7 +40,7 @@ def task_args(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> dict:
     args: Arguments = parse_args(argv, description="Sequence classification with a bidirectional Long-Short "
                                                    "Transformer (LRA ListOps, FAR_RECALL probe).",
-                                 extra_args_provider=task_args)
+                                 extra_args_provider=task_args, defaults={"model.causal": False})
     from tasks.classification import train_classification
 
     return train_classification(args)

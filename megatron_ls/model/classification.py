@@ -105,7 +105,9 @@ def post_cls_attention(attn: nn.Module, x: torch.Tensor, cls: torch.Tensor,
     to_tokens = torch.matmul(qc, ctx.transpose(-1, -2)) * scale  # (B, H, 1, N)
     if pad is not None:
         to_tokens = to_tokens.masked_fill(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(torch.cat([own, to_tokens], dim=-1).float(), dim=-1).to(ctx.dtype)
+    scores = torch.cat([own, to_tokens], dim=-1)
+    compute = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    probs = torch.softmax(scores.to(compute), dim=-1).to(ctx.dtype)
     cls_ctx = probs[..., :1] * vc + torch.matmul(probs[..., 1:], ctx)
     return ctx, cls_ctx
 
