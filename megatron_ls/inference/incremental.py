@@ -5,10 +5,12 @@ extends the cache, and returns logits. Any ``m`` works: a prompt in one pass (th
 a prompt in several pieces, or one token per call; the cache afterwards is the same either way, and the logits
 equal those of a full forward pass over the whole sequence (tests/unit/inference).
 
-The attention of the new queries is computed by ``ops.long_short_attention_shard`` -- the same core the full
-forward and context parallelism use -- on prepared keys: the ring's last ``min(t0, w-1)`` normed window keys as a
-left halo plus the new tokens' own, and every compressed key so far numbered from the sequence start, with
-``q_offset = t0`` so the chunk rule (query t sees chunks ``c < t // l``) holds.
+Several new tokens (a prefill or a piece of one) are attended by ``ops.long_short_attention_shard`` -- the same
+core the full forward and context parallelism use -- on prepared keys: the ring's last ``min(t0, w-1)`` normed
+window keys as a left halo plus the new tokens' own, and every compressed key so far numbered from the sequence
+start, with ``q_offset = t0`` so the chunk rule (query t sees chunks ``c < t // l``) holds. A single new token (a
+decode step) takes a direct path with the same math: its own key goes into the ring first, which then holds
+exactly its window, and it attends the ring and the compressed keys of chunks ``c < t // l`` in one softmax.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from megatron_ls.inference.cache import DecodingCache, FullLayerCache, LongShortLayerCache
 from megatron_ls.ops import full_attention, full_attention_at, long_short_attention_shard
-from megatron_ls.ops.projection import project_causal
+from megatron_ls.ops.projection import compute_dtype, project_causal
 from megatron_ls.ops.rotary import chunk_positions
 
 
@@ -54,11 +56,52 @@ def _absorb_into_chunks(attn, cache: LongShortLayerCache, k: torch.Tensor, v: to
     cache.part_len = rest
 
 
+def _one_query_attention(q: torch.Tensor, cache: LongShortLayerCache, t: int) -> torch.Tensor:
+    """Decode fast path: query ``t`` (B, H, 1, D) over the ring (which holds exactly keys ``t-w+1 .. t``, its own
+    included, once written) and the compressed keys of chunks ``c < t // l``, in one softmax.
+
+    The same math as the shard op (scaled scores and softmax in fp32 for half inputs, fp64 for fp64), without
+    its block padding, which would multiply the work of a single query by the block size.
+    """
+    cd = compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5
+    qc = q.to(cd)
+    keys, values = [], []
+    if cache.window > 0:
+        filled = min(t + 1, cache.window)
+        keys.append(cache.ring_k[:, :, :filled])
+        values.append(cache.ring_v[:, :, :filled])
+    visible = cache.rank * (t // cache.segment_len) if cache.rank > 0 else 0
+    if visible:
+        keys.append(cache.comp_k.view()[:, :, :visible])
+        values.append(cache.comp_v.view()[:, :, :visible])
+    if not keys:  # projection only, query in the first chunk: no key at all
+        return torch.zeros_like(q)
+    scores = torch.cat([torch.matmul(qc, kk.to(cd).transpose(-1, -2)) for kk in keys], dim=-1) * scale
+    probs = torch.softmax(scores, dim=-1)
+    out, start = None, 0
+    for vv in values:
+        part = torch.matmul(probs[..., start:start + vv.shape[2]], vv.to(cd))
+        out = part if out is None else out + part
+        start += vv.shape[2]
+    return out.to(q.dtype)
+
+
 def _long_short_step(attn, q, k, v, proj_logits, cache: LongShortLayerCache, positions) -> torch.Tensor:
     t0, m = cache.length, q.shape[2]
     w, l, r = cache.window, cache.segment_len, cache.rank
     rotary = attn.rotary
     q_att = q if rotary is None else rotary.rotate(q, positions)
+    if m == 1:  # a decode step
+        if w > 0:
+            k_new, v_new = _norm(attn.local_norm, k), _norm(attn.local_norm, v)
+            if rotary is not None:
+                k_new = rotary.rotate(k_new, positions)
+            cache.write_window(k_new, v_new, t0)
+        if r > 0:
+            _absorb_into_chunks(attn, cache, k, v, proj_logits)
+        cache.length = t0 + 1
+        return _one_query_attention(q_att, cache, t0)
     k_local = v_local = k_new = v_new = None
     halo = 0
     if w > 0:
