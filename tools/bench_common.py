@@ -42,3 +42,42 @@ def git_dirty(paths: Sequence[str]) -> bool:
         return bool(res.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return True
+
+
+def rss_kb(field: str) -> int:
+    """A memory field of ``/proc/self/status`` in KiB (``VmRSS``: resident now, ``VmHWM``: peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) to the current RSS and return that RSS in KiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_kb("VmRSS")
+
+
+def parse_int_list(text: str, flag: str) -> list:
+    """Comma-separated positive ints for ``flag`` (ValueError naming the flag otherwise)."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} must list positive integers, got {text!r}")
+    return values
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as indented JSON; a reader never sees a half-written file."""
+    import json
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, target)

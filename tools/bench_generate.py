@@ -31,7 +31,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.bench_common import device_name, git_commit, git_dirty  # noqa: E402
+from tools.bench_common import (device_name, git_commit, git_dirty, parse_int_list, reset_peak_rss,  # noqa: E402
+                                rss_kb, write_json_atomic)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -56,11 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # internal: "model:n", one point
     args = p.parse_args(argv)
     try:
-        args.contexts = [int(x) for x in str(args.contexts).split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--contexts must be comma-separated ints, got {args.contexts!r}")
-    if not args.contexts or min(args.contexts) < 1:
-        p.error(f"--contexts must list positive lengths, got {args.contexts}")
+        args.contexts = parse_int_list(args.contexts, "--contexts")
+    except ValueError as exc:
+        p.error(str(exc))
     args.models = [m for m in str(args.models).split(",") if m]
     if not args.models or any(m not in ("ls", "full") for m in args.models):
         p.error(f"--models must list ls and/or full, got {args.models}")
@@ -88,14 +87,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def run_point(args, kind: str, n: int) -> dict:
     """Prefill ``n`` tokens and decode ``--decode-steps`` more, in this process (see the module docstring)."""
     from megatron_ls.inference.cache import new_cache
@@ -114,15 +105,13 @@ def run_point(args, kind: str, n: int) -> dict:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            base = _rss_kb("VmRSS")
+            base = reset_peak_rss()
         t0 = time.perf_counter()
         logits = prefill(model, prompt, cache)
         _sync(args.device)
         prefill_s = time.perf_counter() - t0
         peak_mib = ((torch.cuda.max_memory_allocated() - base) / 2 ** 20 if on_gpu
-                    else (_rss_kb("VmHWM") - base) / 1024)
+                    else (rss_kb("VmHWM") - base) / 1024)
         cache_bytes = cache.used_bytes()
         token = logits[:, -1].argmax(-1, keepdim=True)
         times = []
@@ -203,12 +192,8 @@ def main(argv=None) -> int:
     for line in result["summary"]:
         print(line)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
     return 0
 
 
