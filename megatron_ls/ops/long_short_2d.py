@@ -5,10 +5,14 @@ Sequence layout: ``num_extra_tokens`` leading tokens (CLS, distillation, ...) th
 * local keys: the patch grid is cut into ``window × window`` blocks; every query of block (i, j) sees the
   square of patches rows ``[i·w - e, (i+1)·w + e)`` × cols ``[j·w - e, (j+1)·w + e)``, e = max(w // 2, 1) by default (the 1D
   rule on both axes: 2w × 2w for even w), clipped at the image border;
-* extra tokens are keys visible to every query, and their own queries see every token;
+* extra tokens are keys visible to every query; their own queries see every token (``extra_queries="full"``)
+  or, as the released vision code's "post-CLS" (``"post"``), their own keys and the patch queries' outputs
+  (used as keys and values, in one softmax, without dropout);
 * global keys: r keys ``Pᵀk`` with P = softmax(proj_logits) over the unpadded *patches* (extra tokens take no
   projection weight; their rows of proj_logits are ignored), seen by every query;
-* one softmax per query over the union; local/extra keys go through ``local_norm``, global ones ``global_norm``.
+* one softmax per query over the union; local/extra keys go through ``local_norm``, global ones ``global_norm``;
+  ``window_bias`` (H, w², S²) is added to the window scores of every block (a relative position bias: query
+  ``a·w + b`` of a block, key ``c·S + d`` of its S×S square, S = w + 2e).
 
 The computation is vectorised over all blocks in plain autograd: memory O(N·((w+2e)² + E + r)), linear in the
 number of patches, no N×N tensor except for the E extra-token query rows (E×N).
@@ -25,6 +29,7 @@ from .long_short import _apply_norm
 from .projection import compute_dtype, project_bidirectional
 
 NEG_INF = float("-inf")
+EXTRA_QUERY_MODES = ("full", "post")
 
 
 def _check_grid(grid, n: int, num_extra: int) -> Tuple[int, int]:
@@ -82,12 +87,15 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             key_padding_mask: Optional[torch.Tensor] = None,
                             local_norm: Optional[Callable] = None, global_norm: Optional[Callable] = None,
                             dropout_p: float = 0.0, scale: Optional[float] = None,
-                            window_extension: str = "floor", project_normed: bool = False) -> torch.Tensor:
+                            window_extension: str = "floor", project_normed: bool = False,
+                            window_bias: Optional[torch.Tensor] = None,
+                            extra_queries: str = "full") -> torch.Tensor:
     """2D long-short attention over (B, H, E + gh·gw, D) tensors; returns (B, H, N, D) in q's dtype.
 
     See the module docstring for the visibility rule. ``key_padding_mask`` (B, N) bool, True = padding (never
     attended, no projection weight, padded query rows return 0). ``window_extension`` and ``project_normed``
     as in ``long_short_attention`` (defaults: the released code's ``max(w // 2, 1)``; raw keys projected).
+    ``window_bias``: (H, w², (w + 2e)²) added to the window scores; ``extra_queries``: "full" or "post".
     """
     checks.check_qkv(q, k, v)
     rank = checks.check_proj_logits(proj_logits, q)
@@ -104,6 +112,14 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         raise ValueError("long_short_attention_2d needs a window or a projection: got window=0 and "
                          f"proj_logits={'None' if proj_logits is None else 'with r=0'}")
     extension = checks.window_extension(window, window_extension)
+    if extra_queries not in EXTRA_QUERY_MODES:
+        raise ValueError(f"extra_queries must be one of {EXTRA_QUERY_MODES}, got {extra_queries!r}")
+    if window_bias is not None:
+        side = window + 2 * extension
+        want = (h, window * window, side * side)
+        if window == 0 or tuple(window_bias.shape) != want:
+            raise ValueError(f"window_bias must have shape (H, w*w, (w+2e)^2) = {want}, got "
+                             f"{tuple(window_bias.shape)}")
     cd = compute_dtype(q.dtype)
     dev = q.device
     k_loc = _apply_norm("local_norm", local_norm, k).to(cd)
@@ -132,7 +148,10 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         ks = _grid_slabs(k_loc[:, :, ne:], gh, gw, window, e, 0.0)
         vs = _grid_slabs(v_loc[:, :, ne:], gh, gw, window, e, 0.0)
         ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, e, 0.0)[..., 0] > 0  # (B|1, nbh, nbw, S²)
-        parts.append(torch.matmul(qb, ks.transpose(-1, -2)) + bias(ok)[:, None, :, :, None, :])
+        scores = torch.matmul(qb, ks.transpose(-1, -2)) + bias(ok)[:, None, :, :, None, :]
+        if window_bias is not None:
+            scores = scores + window_bias.to(cd)[None, :, None, None]
+        parts.append(scores)
         vals.append(("slab", vs))
     if ne > 0:
         ke, ve = k_loc[:, :, :ne], v_loc[:, :, :ne]
@@ -151,7 +170,12 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     out_patches = _ungrid_blocks(o, gh, gw, max(window, 1))
 
     outs = []
-    if ne > 0:  # extra-token queries see every token and every global key
+    if ne > 0 and extra_queries == "post":  # own keys + the patch outputs as keys and values
+        qe, ke, ve = q_s[:, :, :ne], k_loc[:, :, :ne], v_loc[:, :, :ne]
+        eparts = [torch.matmul(qe, ke.transpose(-1, -2)) + bias(key_ok[:, :ne])[:, None, None, :],
+                  torch.matmul(qe, out_patches.transpose(-1, -2)) + bias(key_ok[:, ne:])[:, None, None, :]]
+        outs.append(torch.matmul(_softmax_union(eparts, 0.0), torch.cat([ve, out_patches], dim=2)))
+    elif ne > 0:  # extra-token queries see every token and every global key
         qe = q_s[:, :, :ne]
         eparts = [torch.matmul(qe, k_loc.transpose(-1, -2)) + bias(key_ok)[:, None, None, :]]
         evals = [v_loc]
