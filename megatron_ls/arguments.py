@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,6 +42,43 @@ def _flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
+def _nearest(word: str, candidates: Sequence[str]) -> Optional[str]:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    if not close:  # case slips ('wsd' for 'WSD')
+        close = [c for c in candidates if c.lower() == word.lower()]
+    return close[0] if close else None
+
+
+class FriendlyArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: an unknown flag or a wrong choice names the nearest supported one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def option_names(self) -> list[str]:
+        return [name for action in self._actions for name in action.option_strings]
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            word = unknown[0]
+            if not word.startswith("-"):
+                self.error(f"unexpected argument {word!r} (every value belongs to the flag before it)")
+            flag = word.split("=", 1)[0]
+            nearest = _nearest(flag, self.option_names())
+            hint = f"; did you mean {nearest}?" if nearest else ""
+            self.error(f"unrecognized argument {flag}{hint or ' (--help lists every flag)'}")
+        return namespace
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            nearest = _nearest(str(value), choices)
+            hint = f"; did you mean {nearest}?" if nearest else ""
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {', '.join(choices)})"
+                                                 f"{hint}")
+
+
 def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str) -> None:
     meta = f.metadata
     help_text = meta["help"]
@@ -51,7 +90,7 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str) 
         group.add_argument(flag, dest=dest, action=action, default=default, help=help_text)
         return
     kwargs: dict = {"dest": dest, "default": copy.copy(default), "help": help_text,
-                    "metavar": f.name.upper() if "choices" not in meta else None}
+                    "metavar": flag.lstrip("-").replace("-", "_").upper() if "choices" not in meta else None}
     if "choices" in meta:
         kwargs["choices"] = meta["choices"]
     if "nargs" in meta:
@@ -71,7 +110,7 @@ def build_parser(description: str = "megatron_ls",
                  extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
                  ) -> argparse.ArgumentParser:
     """An argparse parser with one group per config dataclass (Megatron flag names)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = FriendlyArgumentParser(description=description, allow_abbrev=False)
     for prefix, title, cls in CONFIG_GROUPS:
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
@@ -79,7 +118,7 @@ def build_parser(description: str = "megatron_ls",
                 _add_field(group, f, dest=f"{prefix}.{f.name}")
     launcher = parser.add_argument_group("Launcher")
     # The deepspeed launcher passes --local_rank; torchrun uses LOCAL_RANK. Accept both spellings.
-    launcher.add_argument("--local-rank", "--local_rank", dest="extra.local_rank", type=int,
+    launcher.add_argument("--local-rank", "--local_rank", dest="extra.local_rank", type=int, metavar="N",
                           default=int(os.environ.get("LOCAL_RANK", 0)), help="Set by the launcher.")
     if extra_args_provider is not None:
         extra_args_provider(parser)
@@ -101,6 +140,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
         validate_arguments(args, world_size)
     except ConfigError as exc:
         parser.error(str(exc))
+    t = args.training
+    if t.train_samples is not None:  # Megatron: iterations = samples // global batch size
+        t.train_iters = t.train_samples // (t.global_batch_size or
+                                            t.micro_batch_size * args.parallel.data_parallel_size(world_size))
     return args
 
 
@@ -136,6 +179,10 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
         problems.append(f"--num-layers {args.model.num_layers} is not divisible by "
                         f"--pipeline-model-parallel-size {pp}")
     problems += context_parallel_problems(args)
+    problems += sequence_parallel_problems(args)
+    if pp > 1 and args.model.recompute_granularity == "full" and args.model.recompute_method == "block":
+        problems.append("--recompute-method block is not available with pipeline parallelism (DeepSpeed's "
+                        "pipeline recomputes uniform groups of layers); use --recompute-method uniform")
     if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
         problems.append("--exit-interval must be positive")
     if args.checkpoint.save_interval is not None and args.checkpoint.save_interval <= 0:
@@ -160,6 +207,18 @@ def context_parallel_problems(args: Arguments) -> list[str]:
                                    projection_rank=m.projection_rank)
     except ValueError as exc:
         return [str(exc)]
+    return []
+
+
+def sequence_parallel_problems(args: Arguments) -> list[str]:
+    """What stops ``--sequence-parallel`` from splitting each rank's tokens over the TP group."""
+    p, m = args.parallel, args.model
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if not p.sequence_parallel or tp <= 1 or m.seq_length <= 0 or m.seq_length % cp:
+        return []
+    if (m.seq_length // cp) % tp:
+        return [f"--sequence-parallel splits each rank's {m.seq_length // cp} tokens (--seq-length / "
+                f"--context-parallel-size) over --tensor-model-parallel-size {tp}, which must divide them"]
     return []
 
 
@@ -194,6 +253,11 @@ def build_deepspeed_config(args: Arguments, data_parallel_size: int, context_par
         "wall_clock_breakdown": False,
         "checkpoint": {"use_node_local_storage": False},
     }
+    p = args.parallel
+    if p.sequence_parallel and p.tensor_model_parallel_size > 1 and p.pipeline_model_parallel_size > 1:
+        # DeepSpeed's pipeline sends 1/TP of an activation per TP rank and all-gathers it on arrival, which
+        # assumes TP ranks hold the same activation; under sequence parallelism each holds its own slice.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if t.bf16:
         config["bf16"] = {"enabled": True}
     if t.fp16:

@@ -61,7 +61,22 @@ class TransformerConfig:
                                choices=("normed", "raw"))
     causal: bool = _f(True, "Autoregressive attention (GPT-LS); ViT-LS sets it False.", cli=False)
     attention_backend: str = _f("auto", "Long-short attention kernel.", choices=("auto", "torch", "flex"))
-    recompute_activations: bool = _f(False, "Recompute each transformer layer in the backward pass.")
+    use_flash_attn: bool = _f(False, "Megatron's flag: the fastest attention kernels of this device (= "
+                                     "--attention-backend auto: FlexAttention for LS layers and SDPA's flash kernel "
+                                     "for full layers on CUDA; the blockwise torch kernel on CPU).")
+    recompute_activations: bool = _f(False, "Recompute each transformer layer in the backward pass (= "
+                                            "--recompute-granularity full; in Megatron-LM this flag means selective).")
+    recompute_granularity: Optional[str] = _f(None, "Activation recomputation: full (whole transformer layers) or "
+                                                    "selective (the attention core only: softmax and dropout "
+                                                    "intermediates recomputed, linear outputs kept).",
+                                              choices=("full", "selective"))
+    recompute_method: Optional[str] = _f(None, "Which layers full recomputation covers: uniform (groups of "
+                                               "--recompute-num-layers layers, default) or block (the first "
+                                               "--recompute-num-layers layers of each pipeline stage).",
+                                         choices=("uniform", "block"))
+    recompute_num_layers: Optional[int] = _f(None, "Layers per recompute group (uniform, default 1) or recomputed "
+                                                   "layers per pipeline stage (block).")
+    sequence_parallel: bool = _f(False, "Set from --sequence-parallel when TP > 1.", cli=False)
     seed: int = _f(1234, "Random seed (weights, dropout, data order).")
 
     def __post_init__(self) -> None:
@@ -70,6 +85,8 @@ class TransformerConfig:
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         self.full_attention_layers = tuple(int(i) for i in self.full_attention_layers)
+        if self.recompute_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "full"
 
     @property
     def head_dim(self) -> int:
@@ -131,8 +148,33 @@ class TransformerConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        problems += self._recompute_problems()
+        if self.use_flash_attn and self.attention_backend == "torch":
+            problems.append("--use-flash-attn asks for the fastest attention kernel but --attention-backend torch "
+                            "pins the reference kernel; drop one of them")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _recompute_problems(self) -> list[str]:
+        if self.recompute_granularity != "full":
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                return ["--recompute-method / --recompute-num-layers apply to --recompute-granularity full only"]
+            return []
+        if self.recompute_num_layers is not None and not 1 <= self.recompute_num_layers <= self.num_layers:
+            return [f"--recompute-num-layers must be in [1, --num-layers {self.num_layers}], "
+                    f"got {self.recompute_num_layers}"]
+        return []
+
+    def recomputed_layer_groups(self, num_layers: int) -> list[tuple[int, int, bool]]:
+        """``(start, end, recompute)`` runs of this stage's ``num_layers`` layers under full recomputation."""
+        if self.recompute_granularity != "full":
+            return [(0, num_layers, False)]
+        n = self.recompute_num_layers
+        if self.recompute_method == "block":
+            n = min(num_layers, num_layers if n is None else n)
+            return [(0, n, True)] + ([(n, num_layers, False)] if n < num_layers else [])
+        n = n or 1
+        return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
 
 
 @dataclass
@@ -147,11 +189,20 @@ class ParallelConfig:
                                       "(2 x CP pieces, rank i holds pieces i and 2CP-1-i: even causal work, "
                                       "Megatron's layout) or 'contiguous' (rank i: the i-th of CP pieces).",
                                       choices=("contiguous", "balanced"))
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1): LayerNorms, dropout and "
+                                        "residuals hold a 1/TP slice of the sequence; all-gather before and "
+                                        "reduce-scatter after the tensor-parallel blocks instead of all-reduce.")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0-3; at most 1 with pipeline parallelism).",
                          choices=(0, 1, 2, 3))
+    use_distributed_optimizer: bool = _f(False, "Megatron's distributed optimizer: optimizer state sharded over "
+                                                "data-parallel ranks (= ZeRO-1 unless --zero-stage is higher).")
     distributed_backend: Optional[str] = _f(None, "torch.distributed backend (default nccl on GPU, gloo on CPU).",
                                             choices=("nccl", "gloo"))
     distributed_timeout_minutes: float = _f(10.0, "Timeout for rendezvous and collectives.")
+
+    def __post_init__(self) -> None:
+        if self.use_distributed_optimizer and self.zero_stage == 0:
+            self.zero_stage = 1
 
     def validate(self, world_size: int) -> None:
         problems = []
@@ -182,12 +233,26 @@ class TrainingConfig:
     micro_batch_size: int = _f(1, "Batch size per model instance (per data-parallel rank) per step.")
     global_batch_size: Optional[int] = _f(None, "Training batch size across all data-parallel ranks "
                                                 "(default micro batch x data-parallel size).")
-    train_iters: int = _f(100, "Total number of iterations to train.")
+    train_iters: Optional[int] = _f(None, "Total number of iterations to train (default 100, or --train-samples "
+                                          "// global batch size).")
+    train_samples: Optional[int] = _f(None, "Sample-based training (Megatron): total samples; iterations = "
+                                            "samples // global batch size, the schedule counts samples.")
     lr: float = _f(1e-3, "Peak learning rate.")
     min_lr: float = _f(0.0, "Minimum learning rate at the end of decay.")
-    lr_decay_style: str = _f("cosine", "Learning rate decay.", choices=("constant", "linear", "cosine"))
+    lr_decay_style: str = _f("cosine", "Learning rate decay after warmup (WSD: constant, then an anneal over the "
+                                       "last --lr-wsd-decay-iters/-samples).",
+                             choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
+    lr_wsd_decay_style: str = _f("exponential", "Shape of the WSD anneal.",
+                                 choices=("exponential", "linear", "cosine", "minus_sqrt"))
     lr_warmup_iters: int = _f(0, "Linear warmup iterations.")
+    lr_warmup_samples: int = _f(0, "Linear warmup samples (sample-based training).")
+    lr_warmup_fraction: Optional[float] = _f(None, "Warmup as a fraction of the decay length (instead of "
+                                                   "--lr-warmup-iters/-samples).")
+    lr_warmup_init: float = _f(0.0, "Learning rate the warmup starts from.")
     lr_decay_iters: Optional[int] = _f(None, "Iterations to decay over (default --train-iters).")
+    lr_decay_samples: Optional[int] = _f(None, "Samples to decay over (default --train-samples).")
+    lr_wsd_decay_iters: Optional[int] = _f(None, "WSD: iterations of the final anneal.")
+    lr_wsd_decay_samples: Optional[int] = _f(None, "WSD: samples of the final anneal (sample-based training).")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -200,6 +265,10 @@ class TrainingConfig:
     loss_scale_window: int = _f(1000, "Iterations without overflow before the loss scale grows.")
     deepspeed_config: Optional[str] = _f(None, "DeepSpeed JSON merged over the config built from these flags.")
 
+    def __post_init__(self) -> None:
+        if self.train_iters is None and self.train_samples is None:
+            self.train_iters = 100
+
     def validate(self, data_parallel_size: int) -> None:
         problems = []
         if self.micro_batch_size <= 0:
@@ -210,19 +279,64 @@ class TrainingConfig:
                             f"{self.micro_batch_size} x data-parallel size {data_parallel_size}")
         if self.bf16 and self.fp16:
             problems.append("--bf16 and --fp16 are mutually exclusive")
-        if self.train_iters <= 0:
-            problems.append(f"--train-iters must be positive, got {self.train_iters}")
-        if self.lr_warmup_iters < 0 or self.lr_warmup_iters > self.train_iters:
-            problems.append(f"--lr-warmup-iters {self.lr_warmup_iters} must be within [0, --train-iters]")
+        problems += schedule_problems(self, self.global_batch_size or self.micro_batch_size * data_parallel_size)
         if self.min_lr > self.lr:
             problems.append(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         if problems:
             raise ConfigError("; ".join(problems))
 
     def resolve_global_batch_size(self, data_parallel_size: int) -> int:
+        """Fill in the global batch size (and the iterations of sample-based training); returns it."""
         if self.global_batch_size is None:
             self.global_batch_size = self.micro_batch_size * data_parallel_size
+        if self.train_samples is not None:
+            self.train_iters = self.train_samples // self.global_batch_size
         return self.global_batch_size
+
+
+def schedule_problems(t: TrainingConfig, global_batch_size: int) -> list[str]:
+    """Megatron's rules for iteration- vs sample-based training and the LR schedule flags."""
+    problems = []
+    iteration_flags = {"--lr-decay-iters": t.lr_decay_iters, "--lr-wsd-decay-iters": t.lr_wsd_decay_iters,
+                       "--lr-warmup-iters": t.lr_warmup_iters or None}
+    sample_flags = {"--lr-decay-samples": t.lr_decay_samples, "--lr-wsd-decay-samples": t.lr_wsd_decay_samples,
+                    "--lr-warmup-samples": t.lr_warmup_samples or None}
+    if t.train_samples is not None:
+        iters = t.train_samples // max(global_batch_size, 1)
+        if t.train_iters is not None and t.train_iters != iters:
+            problems.append("--train-iters and --train-samples are exclusive (iteration- or sample-based training)")
+        elif iters <= 0:
+            problems.append(f"--train-samples {t.train_samples} is less than one global batch ({global_batch_size})")
+        mixed = [flag for flag, value in iteration_flags.items() if value is not None]
+        if mixed:
+            problems.append(f"{', '.join(mixed)}: sample-based training (--train-samples) takes the -samples flags")
+        length, warmup, wsd, unit = (t.lr_decay_samples or t.train_samples, t.lr_warmup_samples,
+                                     t.lr_wsd_decay_samples, "samples")
+    else:
+        if t.train_iters is None or t.train_iters <= 0:
+            problems.append(f"--train-iters must be positive, got {t.train_iters}")
+        mixed = [flag for flag, value in sample_flags.items() if value is not None]
+        if mixed:
+            problems.append(f"{', '.join(mixed)}: iteration-based training takes the -iters flags (or give "
+                            f"--train-samples)")
+        length, warmup, wsd, unit = (t.lr_decay_iters or t.train_iters or 0, t.lr_warmup_iters,
+                                     t.lr_wsd_decay_iters, "iters")
+    if t.lr_warmup_fraction is not None:
+        if not 0.0 <= t.lr_warmup_fraction < 1.0:
+            problems.append(f"--lr-warmup-fraction must be in [0, 1), got {t.lr_warmup_fraction}")
+        if t.lr_warmup_iters or t.lr_warmup_samples:
+            problems.append("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are exclusive")
+    elif not 0 <= warmup <= length:
+        problems.append(f"--lr-warmup-{unit} {warmup} must be within [0, the decay length {length} "
+                        f"(--lr-decay-{unit} or --train-{unit})]")
+    if t.lr_decay_style == "WSD":
+        if wsd is None:
+            problems.append(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} (the length of the final anneal)")
+        elif not 0 < wsd <= length:
+            problems.append(f"--lr-wsd-decay-{unit} {wsd} must be in [1, the decay length {length}]")
+    if t.lr_warmup_init > t.lr:
+        problems.append(f"--lr-warmup-init {t.lr_warmup_init} is larger than --lr {t.lr}")
+    return problems
 
 
 @dataclass
@@ -310,7 +424,8 @@ def config_to_dict(config: Any) -> dict:
 def transformer_config_from_dict(values: dict) -> TransformerConfig:
     """Rebuild a TransformerConfig from ``config_to_dict`` output, ignoring unknown keys."""
     names = {f.name for f in dataclasses.fields(TransformerConfig)}
-    kwargs = {k: v for k, v in values.items() if k in names}
+    # sequence parallelism is a property of a run's layout, not of the saved model
+    kwargs = {k: v for k, v in values.items() if k in names and k != "sequence_parallel"}
     if "full_attention_layers" in kwargs:
         kwargs["full_attention_layers"] = tuple(kwargs["full_attention_layers"])
     return TransformerConfig(**kwargs)

@@ -26,7 +26,7 @@ from megatron_ls.data.sampler import PretrainingSampler
 from megatron_ls.model.classification import ClassificationModel
 from megatron_ls.training import checkpointing
 from megatron_ls.training.initialize import initialize_megatron_ls
-from megatron_ls.training.lr_schedule import OptimizerParamScheduler
+from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
 from megatron_ls.training.steps import build_steps
@@ -54,6 +54,9 @@ def check_task_arguments(args: Arguments) -> None:
     if p.context_parallel_size > 1:
         problems.append("--context-parallel-size > 1 is not supported for sequence classification (pooling needs "
                         "the whole sequence on one rank)")
+    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
+        problems.append("--sequence-parallel is not supported for sequence classification (GPT-LS pretraining "
+                        "only)")
     if e.pooling == "cls" and e.cls_last_layer:
         problems.append("--pooling cls and --cls-last-layer are two different CLS schemes: pick one")
     if problems:
@@ -162,8 +165,7 @@ def train_classification(args: Arguments) -> dict:
         checkpointing.check_layout_change(ck.load, p, dp_size, load_optimizer=not (ck.no_load_optim or ck.finetune))
         _check_task_checkpoint(ck.load, task_meta)
     optimizer = build_optimizer(model, t)
-    scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
-                                        decay_iters=t.lr_decay_iters or t.train_iters, decay_style=t.lr_decay_style)
+    scheduler = build_scheduler(optimizer, t)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=deepspeed_mpu(), dist_init_required=False)
     checkpointing.install_safe_checkpoint_engine(engine)

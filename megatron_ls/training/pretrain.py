@@ -15,7 +15,7 @@ from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
 from megatron_ls.training import checkpointing
 from megatron_ls.training.data_loading import build_data_iterator
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
-from megatron_ls.training.lr_schedule import OptimizerParamScheduler
+from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, format_iteration_line,
                                           memory_stats_mb, model_flops_per_token)
 from megatron_ls.training.optimizer import build_optimizer
@@ -89,8 +89,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     pipeline = p.pipeline_model_parallel_size > 1
     model = model_provider(args.model, pipeline)
     optimizer = build_optimizer(model, t)
-    scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
-                                        decay_iters=t.lr_decay_iters or t.train_iters, decay_style=t.lr_decay_style)
+    scheduler = build_scheduler(optimizer, t)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=None if pipeline else deepspeed_mpu(),
                                            dist_init_required=False)

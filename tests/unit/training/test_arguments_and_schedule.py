@@ -84,7 +84,7 @@ def test_help_groups_flags_by_concern():
 @pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
 def test_lr_schedule_warmup_then_decay(style):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = OptimizerParamScheduler(opt, max_lr=1.0, min_lr=0.1, warmup_iters=4, decay_iters=14,
+    sched = OptimizerParamScheduler(opt, max_lr=1.0, min_lr=0.1, warmup_steps=4, decay_steps=14,
                                     decay_style=style)
     lrs = []
     for _ in range(16):
@@ -94,7 +94,7 @@ def test_lr_schedule_warmup_then_decay(style):
     expected_mid = {"constant": 1.0, "linear": 0.55, "cosine": 0.55}[style]
     assert lrs[8] == pytest.approx(expected_mid)  # step 9: halfway through the 10 decay steps
     assert lrs[15] == pytest.approx(1.0 if style == "constant" else 0.1)
-    restored = OptimizerParamScheduler(opt, max_lr=1.0, min_lr=0.1, warmup_iters=4, decay_iters=14,
+    restored = OptimizerParamScheduler(opt, max_lr=1.0, min_lr=0.1, warmup_steps=4, decay_steps=14,
                                        decay_style=style)
     restored.load_state_dict(sched.state_dict())
     assert restored.current_lr == pytest.approx(sched.current_lr)
