@@ -20,6 +20,7 @@ from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, f
                                           memory_stats_mb, model_flops_per_token)
 from megatron_ls.training.optimizer import build_optimizer
 from megatron_ls.training.steps import Steps, build_steps
+from megatron_ls.training.task import Task
 
 ModelProvider = Callable[[TransformerConfig, bool], nn.Module]
 DatasetsProvider = Callable[[Arguments, tuple], tuple]
@@ -44,13 +45,16 @@ def _num_samples(args: Arguments) -> tuple[int, int, int]:
 
 
 def pretrain(args: Arguments, model_provider: ModelProvider,
-             datasets_provider: DatasetsProvider, *, byte_level: Optional[bool] = None) -> dict:
+             datasets_provider: DatasetsProvider, *, byte_level: Optional[bool] = None,
+             task: Optional[Task] = None) -> dict:
     """Train as the flags say; returns a summary dict (final losses) on every rank.
 
     ``model_provider(config, pipeline)`` builds the model (a ``PipelineModule`` when ``pipeline`` is True).
     ``datasets_provider(args, num_samples)`` returns ``(train, valid, test, byte_level)``; it may also set
-    ``args.model.vocab_size`` from its tokenizer before the model is built.
+    ``args.model.vocab_size`` from its tokenizer before the model is built. ``task`` swaps collation, the loss
+    name, evaluation and metadata for other tasks (``training/task.py``; default: language modelling).
     """
+    task = task or Task()
     p, t, lg, ck = args.parallel, args.training, args.logging, args.checkpoint
     initialize_megatron_ls(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
                            backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
@@ -108,8 +112,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(f" loaded checkpoint from {ck.load} at iteration {iteration}")
 
     mb = t.micro_batch_size
-    train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers, cp_layout)
-    flops_per_token = model_flops_per_token(args.model)
+    train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers, cp_layout,
+                                     collate_fn=task.collate_fn)
+    flops_per_token = task.flops_per_token if task.flops_per_token is not None else model_flops_per_token(args.model)
     tokens_per_iter = t.global_batch_size * args.model.seq_length
     tb = TensorboardWriter(lg.tensorboard_dir, enabled=dist.get_rank() == world - 1)
     summary: dict[str, Any] = {"train_losses": []}
@@ -117,6 +122,12 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     def run_eval(prefix: str, dataset: Any, step: int, name: str) -> Optional[float]:
         if dataset is None or lg.eval_iters <= 0:
             return None
+        if task.evaluate is not None:
+            result = task.evaluate(steps, dataset, lg.eval_iters)
+            print_rank_0("-" * 80 + f"\n {prefix} at iteration {step} | {result['line']}\n" + "-" * 80)
+            tb.scalars({f"{key} {name}": value for key, value in result.items() if isinstance(value, float)}, step)
+            summary[f"{name}_metrics"] = {k: v for k, v in result.items() if k != "line"}
+            return result["loss"]
         data_iter = build_data_iterator(dataset, 0, mb, dp_rank, dp_size, context_layout=cp_layout)
         loss = steps.evaluate(data_iter, lg.eval_iters)
         print_rank_0("-" * 80 + "\n" + format_eval_line(f"{prefix} loss at iteration {step}", loss, byte_level)
@@ -135,7 +146,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                                                  "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
                                                  "context_parallel_size": cp_size,
                                                  "context_parallel_layout": p.context_parallel_layout,
-                                                 "data_parallel_size": dp_size}})
+                                                 "data_parallel_size": dp_size}, **task.metadata})
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 
     cp_text = f" CP={cp_size} ({p.context_parallel_layout})" if cp_size > 1 else ""
@@ -158,7 +169,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         interval_losses.append(loss)
         summary["train_losses"].append(loss)
         grad_norm = steps.grad_norm()
-        tb_values = {"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm, "loss-scale": steps.loss_scale(),
+        tb_values = {task.loss_name: loss, "learning-rate": lr, "grad-norm": grad_norm, "loss-scale": steps.loss_scale(),
                      "consumed-samples": consumed}
         if iteration % lg.tensorboard_log_interval == 0:
             tb.scalars(tb_values, iteration)
@@ -170,7 +181,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                 iteration=iteration, train_iters=t.train_iters, consumed_samples=consumed,
                 elapsed_ms=elapsed * 1000, tflops=tflops, tokens_per_sec=tokens_per_sec, lr=lr,
                 global_batch_size=t.global_batch_size, loss=sum(interval_losses) / len(interval_losses),
-                loss_scale=steps.loss_scale(), grad_norm=grad_norm, skipped=skipped_total))
+                loss_scale=steps.loss_scale(), grad_norm=grad_norm, skipped=skipped_total, loss_name=task.loss_name))
             tb.scalars({"throughput": tflops, "tokens-per-second-per-gpu": tokens_per_sec, **memory_stats_mb()},
                        iteration)
             interval_losses, interval_start = [], time.perf_counter()
