@@ -57,6 +57,8 @@ def check_task_arguments(args: Arguments) -> None:
     if p.sequence_parallel and p.tensor_model_parallel_size > 1:
         problems.append("--sequence-parallel is not supported for sequence classification (GPT-LS pretraining "
                         "only)")
+    if e.bucket_batches < 0:
+        problems.append(f"--bucket-batches must be >= 0, got {e.bucket_batches}")
     if e.pooling == "cls" and e.cls_last_layer:
         problems.append("--pooling cls and --cls-last-layer are two different CLS schemes: pick one")
     if problems:
@@ -156,7 +158,8 @@ def train_classification(args: Arguments) -> dict:
     task_meta = {"task": e.task, "num_classes": num_classes, "pooling": e.pooling, "cls_last_layer": e.cls_last_layer}
 
     splits = {s: ClassificationDataset(prefix, s, meta) for s in ("train", "valid", "test")}
-    train_view = EpochShuffledView(splits["train"], t.train_iters * t.global_batch_size, args.model.seed)
+    train_view = EpochShuffledView(splits["train"], t.train_iters * t.global_batch_size, args.model.seed,
+                                   e.bucket_batches, t.global_batch_size)
     model = ClassificationModel(args.model, num_classes, pooling=e.pooling, cls_last_layer=e.cls_last_layer,
                                 pad_id=pad_id, cls_id=cls_id)
     max_tokens = model.max_tokens

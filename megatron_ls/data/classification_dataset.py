@@ -127,15 +127,29 @@ class ClassificationDataset:
 
 
 class EpochShuffledView:
-    """``num_samples`` indices over ``dataset``: epoch after epoch, each a fresh seeded permutation."""
+    """``num_samples`` indices over ``dataset``: epoch after epoch, each a fresh seeded permutation.
 
-    def __init__(self, dataset: ClassificationDataset, num_samples: int, seed: int) -> None:
+    With ``bucket_batches = K > 0`` and ``batch_size = B``: every run of ``K·B`` consecutive indices is sorted by
+    length, cut into ``K`` batches of ``B``, and those batches are shuffled (seeded), so a batch holds examples
+    of similar length and pads less (a global batch still sees a random sample of the data).
+    """
+
+    def __init__(self, dataset: ClassificationDataset, num_samples: int, seed: int, bucket_batches: int = 0,
+                 batch_size: int = 1) -> None:
         n = len(dataset)
         if n == 0:
             raise ClassificationDataError("training split is empty")
         epochs = -(-max(num_samples, 1) // n)
         rng = np.random.default_rng(seed)
-        self.index = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:num_samples]
+        index = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:num_samples]
+        if bucket_batches > 0:
+            lengths = np.asarray(dataset.lengths)
+            span = bucket_batches * batch_size
+            for start in range(0, len(index) - span + 1, span):
+                piece = index[start:start + span]
+                piece = piece[np.argsort(lengths[piece], kind="stable")].reshape(bucket_batches, batch_size)
+                index[start:start + span] = piece[rng.permutation(bucket_batches)].reshape(-1)
+        self.index = index
         self.dataset = dataset
 
     def __len__(self) -> int:

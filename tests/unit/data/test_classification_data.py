@@ -196,3 +196,19 @@ def test_dataset_errors_and_batching(tmp_path):
     view = EpochShuffledView(ClassificationDataset(str(tmp_path / "lo"), "valid"), 20, seed=1)
     assert len(view) == 20 and sorted(view.index[:8].tolist()) == list(range(8))
     assert view.index.tolist() == EpochShuffledView(view.dataset, 20, seed=1).index.tolist()
+
+
+def test_length_bucketing_keeps_the_sample_and_groups_lengths(tmp_path):
+    prefix = tmp_path / "lo"
+    _generate(prefix)
+    ds = ClassificationDataset(str(prefix), "train")
+    plain = EpochShuffledView(ds, 60, seed=4)
+    bucketed = EpochShuffledView(ds, 60, seed=4, bucket_batches=3, batch_size=5)
+    assert bucketed.index.tolist() == EpochShuffledView(ds, 60, seed=4, bucket_batches=3, batch_size=5).index.tolist()
+    lengths = ds.lengths
+    for start in range(0, 60, 15):  # same examples per run of 3 batches, each batch a contiguous length range
+        span_plain, span_bucket = plain.index[start:start + 15], bucketed.index[start:start + 15]
+        assert sorted(span_plain.tolist()) == sorted(span_bucket.tolist())
+        batches = span_bucket.reshape(3, 5)
+        ranges = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+        assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(ranges, ranges[1:]))
