@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Re-shard a GPT-LS training checkpoint to another TP/PP layout, or merge it into one consolidated file.
+"""Re-shard a GPT-LS training checkpoint to another TP/PP layout, merge it into one consolidated file, or export
+it as a Hugging Face model (``trust_remote_code``) with its Long-Short decoding cache.
 
   python tools/convert_checkpoint.py --load ckpt_tp2pp2 --save ckpt_tp1 --target-tensor-parallel-size 1
   python tools/convert_checkpoint.py --load ckpt_tp2pp2 --consolidated-dir model_for_inference
+  python tools/convert_checkpoint.py --load ckpt_tp2pp2 --to-hf hf_model   # or --load a consolidated dir
 
 Checkpoints saved with context parallelism convert like any other (CP replicates the weights; the result has
 CP = 1 and DP = 1). The re-sharded checkpoint holds model weights only: continue training from it with
 ``--load DIR --finetune``.
 The consolidated directory holds ``model.safetensors`` (full weights, GPTModel names) and ``config.json``.
+The Hugging Face directory loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+(docs/inference.md, "Hugging Face export"); the tokenizer comes from the checkpoint's flags unless given here.
 """
 from __future__ import annotations
 
@@ -20,14 +24,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="training checkpoint directory (with its 'latest' marker)")
+    p.add_argument("--load", required=True, help="training checkpoint directory (with its 'latest' marker), or a "
+                   "consolidated directory (with --consolidated-dir / --to-hf only)")
     p.add_argument("--save", default=None, help="write a re-sharded training checkpoint here")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--consolidated-dir", default=None, help="write model.safetensors + config.json here")
+    hf = p.add_argument_group("Hugging Face export")
+    hf.add_argument("--to-hf", default=None, metavar="DIR", help="write a Hugging Face model directory here "
+                    "(config.json, model.safetensors, remote-code modeling files, tokenizer files)")
+    hf.add_argument("--hf-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="cast the exported weights (default: as stored)")
+    hf.add_argument("--tokenizer-type", default=None, help="tokenizer to export (default: the checkpoint's)")
+    hf.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json (default: the checkpoint's)")
+    hf.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (default: the checkpoint's)")
+    hf.add_argument("--tokenizer-model", default=None, help="SentencePiece model, copied along")
     args = p.parse_args(argv)
-    if not args.save and not args.consolidated_dir:
-        p.error("nothing to do: give --save and/or --consolidated-dir")
+    if not args.save and not args.consolidated_dir and not args.to_hf:
+        p.error("nothing to do: give --save, --consolidated-dir and/or --to-hf")
     from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
     from megatron_ls.inference.convert import convert
     from megatron_ls.training.checkpointing import CheckpointError
@@ -35,10 +49,14 @@ def main(argv=None) -> None:
     try:
         written = convert(args.load, save_dir=args.save, target_tp=args.target_tensor_parallel_size,
                           target_pp=args.target_pipeline_model_parallel_size,
-                          consolidated_dir=args.consolidated_dir)
+                          consolidated_dir=args.consolidated_dir, hf_dir=args.to_hf, hf_dtype=args.hf_dtype,
+                          hf_tokenizer={"tokenizer_type": args.tokenizer_type, "vocab_file": args.vocab_file,
+                                        "merge_file": args.merge_file, "tokenizer_model": args.tokenizer_model})
     except (CheckpointError, InferenceCheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    for note in written.pop("notes", []):
+        print(f" {note}")
     for kind, path in written.items():
         print(f" wrote {kind}: {path}")
 

@@ -142,18 +142,54 @@ def write_training_checkpoint(save_dir: str, config: TransformerConfig, full: di
     return ckpt
 
 
-def convert(load_dir: str, *, save_dir: Optional[str] = None, target_tp: int = 1, target_pp: int = 1,
-            consolidated_dir: Optional[str] = None) -> dict:
-    """Read any-layout checkpoint; write a re-sharded one and/or a consolidated (safetensors) one."""
+TOKENIZER_KEYS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
+
+
+def tokenizer_settings(metadata: dict) -> dict:
+    """The checkpoint's tokenizer flags (training args, or what a consolidated checkpoint recorded)."""
+    data = metadata.get("args", {}).get("data", {}) or metadata.get("tokenizer", {})
+    return {k: data.get(k) for k in TOKENIZER_KEYS if data.get(k) is not None}
+
+
+def read_full_checkpoint(load_dir: str) -> tuple[TransformerConfig, dict, dict, bool]:
+    """(config, full weights, metadata, is_consolidated) of a consolidated or any-layout training checkpoint."""
+    from megatron_ls.inference.checkpoint_io import CONFIG_FILE, WEIGHTS_FILE, load_consolidated
+
+    if os.path.isfile(os.path.join(load_dir, CONFIG_FILE)) and os.path.isfile(os.path.join(load_dir, WEIGHTS_FILE)):
+        config, full, metadata = load_consolidated(load_dir)
+        return config, full, metadata, True
     config, shards, metadata = read_tp_shards(load_dir)
-    dims = partition_dims(config)
-    full = merge_tp_shards(shards, dims)
-    written = {}
+    return config, merge_tp_shards(shards, partition_dims(config)), metadata, False
+
+
+def convert(load_dir: str, *, save_dir: Optional[str] = None, target_tp: int = 1, target_pp: int = 1,
+            consolidated_dir: Optional[str] = None, hf_dir: Optional[str] = None,
+            hf_tokenizer: Optional[dict] = None, hf_dtype: Optional[str] = None) -> dict:
+    """Read a training checkpoint of any layout (or, for ``consolidated_dir``/``hf_dir``, a consolidated one);
+    write a re-sharded one, a consolidated (safetensors) one and/or a Hugging Face export.
+
+    Returns ``{kind: path}`` for what was written, plus ``"notes"`` (lines to show) for an HF export.
+    """
+    config, full, metadata, consolidated = read_full_checkpoint(load_dir)
+    if consolidated and save_dir:
+        raise InferenceCheckpointError(f"{load_dir} is a consolidated checkpoint: re-sharding (--save) needs the "
+                                       f"training checkpoint it came from")
+    written: dict = {}
     if save_dir:
-        written["checkpoint"] = write_training_checkpoint(save_dir, config, full, dims, target_tp, target_pp,
-                                                          metadata)
+        written["checkpoint"] = write_training_checkpoint(save_dir, config, full, partition_dims(config), target_tp,
+                                                          target_pp, metadata)
+    tokenizer = tokenizer_settings(metadata)
     if consolidated_dir:
         save_consolidated(consolidated_dir, config, full, {"iteration": metadata.get("iteration"),
-                                                           "source": os.path.abspath(load_dir)})
+                                                           "source": os.path.abspath(load_dir),
+                                                           "tokenizer": tokenizer})
         written["consolidated"] = consolidated_dir
+    if hf_dir:
+        from megatron_ls.inference.hf_export import export_hf
+
+        tokenizer.update({k: v for k, v in (hf_tokenizer or {}).items() if v is not None})
+        written["notes"] = export_hf(hf_dir, config, full, tokenizer=tokenizer, dtype=hf_dtype,
+                                     metadata={"iteration": metadata.get("iteration"),
+                                               "source": os.path.abspath(load_dir)})
+        written["hugging face"] = hf_dir
     return written
