@@ -263,6 +263,9 @@ class TrainingConfig:
     loss_scale: Optional[float] = _f(None, "Static loss scale for fp16 (default dynamic).")
     initial_loss_scale: float = _f(2.0 ** 16, "Initial dynamic loss scale for fp16.")
     loss_scale_window: int = _f(1000, "Iterations without overflow before the loss scale grows.")
+    nonfinite_steps_limit: int = _f(1, "Stop with an error after this many consecutive iterations whose loss or "
+                                       "gradient norm is not finite (each is skipped: weights and LR schedule "
+                                       "unchanged, counted as skipped); fp16 loss-scale overflows do not count.")
     deepspeed_config: Optional[str] = _f(None, "DeepSpeed JSON merged over the config built from these flags.")
 
     def __post_init__(self) -> None:
@@ -279,6 +282,8 @@ class TrainingConfig:
                             f"{self.micro_batch_size} x data-parallel size {data_parallel_size}")
         if self.bf16 and self.fp16:
             problems.append("--bf16 and --fp16 are mutually exclusive")
+        if self.nonfinite_steps_limit < 1:
+            problems.append(f"--nonfinite-steps-limit must be >= 1, got {self.nonfinite_steps_limit}")
         problems += schedule_problems(self, self.global_batch_size or self.micro_batch_size * data_parallel_size)
         if self.min_lr > self.lr:
             problems.append(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
@@ -388,6 +393,9 @@ class CheckpointConfig:
     no_load_optim: bool = _f(False, "Do not load optimizer state when loading a checkpoint.")
     no_load_rng: bool = _f(False, "Do not load RNG states when loading a checkpoint.")
     finetune: bool = _f(False, "Load weights only and restart iteration / data counters at 0.")
+    allow_attention_change: bool = _f(False, "Resume although the checkpoint was trained with other attention "
+                                             "settings (--window-size, --segment-length, --dual-ln-scope, ...); "
+                                             "without it such a resume is refused.")
 
 
 @dataclass
