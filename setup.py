@@ -25,7 +25,10 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not pinned here: an existing install (CPU or CUDA) must be kept as is.
     install_requires=["torch>=2.3"] + requirements,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "flask>=3.0", "requests>=2.31"],
+    # transformers: the Hugging Face export's tests load it (torch is an optional dependency of transformers,
+    # so this pin never pulls another torch; scripts/install.sh constrains torch anyway).
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "flask>=3.0", "requests>=2.31",
+                            "transformers==5.23.0"],
                     "inference": ["flask>=3.0"],  # tools/run_text_generation_server.py
                     "mpi": read_requirements("requirements-mpi.txt")},
     entry_points={
