@@ -119,7 +119,6 @@ def generate(model, prompt_tokens: Prompts, max_new_tokens: int, *, temperature:
     reasons: List[Optional[str]] = [None] * batch
     if max_new_tokens == 0:
         reasons = ["length"] * batch
-    texts = [""] * batch
     position = shortest
     while position < total:
         in_prompt = position < lens
@@ -140,8 +139,7 @@ def generate(model, prompt_tokens: Prompts, max_new_tokens: int, *, temperature:
             if eod_id is not None and nxt_list[i] == eod_id:
                 reasons[i] = "eod"
             elif stop_strings:
-                texts[i] = detokenize(buf[i, lengths[i]:position + 1].tolist())
-                if _stop_string_hit(texts[i], stop_strings):
+                if _stop_string_hit(detokenize(buf[i, lengths[i]:position + 1].tolist()), stop_strings):
                     reasons[i] = "stop"
             if reasons[i] is None and new_counts[i] >= max_new_tokens:
                 reasons[i] = "length"
