@@ -54,9 +54,6 @@ def check_task_arguments(args: Arguments) -> None:
     if p.context_parallel_size > 1:
         problems.append("--context-parallel-size > 1 is not supported for sequence classification (pooling needs "
                         "the whole sequence on one rank)")
-    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
-        problems.append("--sequence-parallel is not supported for sequence classification (GPT-LS pretraining "
-                        "only)")
     if e.bucket_batches < 0:
         problems.append(f"--bucket-batches must be >= 0, got {e.bucket_batches}")
     if e.pooling == "cls" and e.cls_last_layer:

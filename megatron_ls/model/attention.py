@@ -19,6 +19,7 @@ from megatron_ls.parallel import state as ps
 from megatron_ls.parallel.context_parallel import cp_full_attention, cp_long_short_attention, get_context_layout
 from megatron_ls.parallel.init import init_method_normal, scaled_init_method_normal
 from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_ls.parallel.random import checkpoint as rng_checkpoint
 from megatron_ls.parallel.random import get_rng_tracker
 from megatron_ls.parallel.utils import divide
 
@@ -34,7 +35,9 @@ def _model_parallel_rng():
 class SelfAttention(nn.Module):
     """Causal or bidirectional self-attention whose kind (LS or full) is fixed per layer.
 
-    ``x: (B, N, hidden) -> (B, N, hidden)``. ``key_padding_mask: (B, N)`` bool, True = padding.
+    ``x: (B, N, hidden) -> (B, N, hidden)``. ``key_padding_mask: (B, N)`` bool, True = padding. Under sequence
+    parallelism ``x`` and the output hold this TP rank's ``N / TP`` tokens; the attention core sees all ``N``.
+    With ``recompute_granularity="selective"`` the core (softmax, dropout) is recomputed in backward.
     """
 
     def __init__(self, config: TransformerConfig, layer_index: int, full: Optional[bool] = None) -> None:
@@ -53,10 +56,10 @@ class SelfAttention(nn.Module):
         # Per head: [q (D) | k (D) | v (D) | projection logits (r)], heads contiguous so a TP shard is whole heads.
         self.per_head = 3 * self.head_dim + self.rank
         self.qkvp = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * self.per_head,
-                                         bias=True, gather_output=False,
+                                         bias=True, gather_output=False, sequence_parallel=config.sequence_parallel,
                                          init_method=init_method_normal(config.init_method_std))
         self.dense = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                       bias=True, input_is_parallel=True,
+                                       bias=True, input_is_parallel=True, sequence_parallel=config.sequence_parallel,
                                        init_method=scaled_init_method_normal(config.init_method_std,
                                                                              config.num_layers))
         self.rotary: Optional[Rotary] = None
@@ -74,14 +77,28 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Under context parallelism ``x`` and the mask hold this rank's tokens (see ``parallel.cp_layout``)."""
-        b, n, _ = x.shape
-        mixed = self.qkvp(x).view(b, n, self.num_heads, self.per_head).transpose(1, 2)  # (B, H, N, 3D + r)
+        mixed = self.qkvp(x)  # the whole (CP-local) sequence, also under sequence parallelism
+        b, n, _ = mixed.shape
+        mixed = mixed.view(b, n, self.num_heads, self.per_head).transpose(1, 2)  # (B, H, N, 3D + r)
         d = self.head_dim
         q, k, v = mixed[..., :d], mixed[..., d:2 * d], mixed[..., 2 * d:3 * d]
+        proj_logits = mixed[..., 3 * d:] if self.rank > 0 else None
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            # Megatron's selective recomputation: keep the projections, recompute the core (RNG tracker replayed)
+            ctx = rng_checkpoint(self.core_attention, q, k, v, proj_logits, key_padding_mask)
+        else:
+            ctx = self.core_attention(q, k, v, proj_logits, key_padding_mask)
+        ctx = ctx.transpose(1, 2).reshape(b, n, self.num_heads * d)
+        return self.dense(ctx)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_logits: Optional[torch.Tensor],
+                       key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-head contexts ``(B, H, N, D)`` from queries, keys, values and projection logits (``(B, H, N, r)``)."""
+        n = q.shape[2]
         dropout_p = self.config.attention_dropout if self.training else 0.0
         cp = ps.get_context_parallel_world_size()
         layout = get_context_layout(n * cp) if cp > 1 else None
-        positions = torch.arange(n, device=x.device) if layout is None else layout.local_positions(x.device)
+        positions = torch.arange(n, device=q.device) if layout is None else layout.local_positions(q.device)
         with _model_parallel_rng():
             if self.full:
                 if self.rotary is not None:
@@ -93,7 +110,6 @@ class SelfAttention(nn.Module):
                     ctx = full_attention(q, k, v, causal=self.config.causal, key_padding_mask=key_padding_mask,
                                          dropout_p=dropout_p)
             else:
-                proj_logits = mixed[..., 3 * d:] if self.rank > 0 else None
                 kwargs = dict(window=self.window, causal=self.config.causal,
                               segment_len=self.config.segment_length if self.rank > 0 else None,
                               key_padding_mask=key_padding_mask, local_norm=self.local_norm,
@@ -105,8 +121,7 @@ class SelfAttention(nn.Module):
                     ctx = cp_long_short_attention(q, k, v, proj_logits, layout=layout, **kwargs)
                 else:
                     ctx = long_short_attention(q, k, v, proj_logits, positions=positions, **kwargs)
-        ctx = ctx.transpose(1, 2).reshape(b, n, self.num_heads * d)
-        return self.dense(ctx)
+        return ctx
 
 
 class LongShortAttention(SelfAttention):

@@ -168,7 +168,7 @@ class ClassificationModel(nn.Module):
         return self.config.seq_length - (1 if self.pooling == "cls" else 0)
 
     def _layer(self, layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.config.recompute_activations and self.training and torch.is_grad_enabled():
+        if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
             return rng_checkpoint(layer, h, mask)
         return layer(h, mask)
 

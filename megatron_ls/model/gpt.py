@@ -1,9 +1,10 @@
 """GPT-LS: embeddings, N pre-LN Long-Short (or full, per layer) transformer layers, final LN, tied LM head."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_ls.config import TransformerConfig
@@ -15,21 +16,31 @@ from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.init import init_method_normal
 from megatron_ls.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
 from megatron_ls.parallel.random import checkpoint as rng_checkpoint
+from megatron_ls.parallel.sequence_parallel import (LayerNorm, mark_sequence_parallel, sequence_parallel_active,
+                                                    sequence_parallel_grad, sequence_parallel_rng, split_sequence)
 
 
 class GPTEmbedding(nn.Module):
-    """Token (vocab-parallel) + learned absolute position embeddings; also owns the tied LM head."""
+    """Token (vocab-parallel) + learned absolute position embeddings; also owns the tied LM head.
+
+    Under sequence parallelism the output is this TP rank's slice of the sequence: the vocab-parallel lookups
+    are reduce-scattered (not all-reduced) and the position embeddings of that slice added.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
+        self.sequence_parallel = sequence_parallel_active(config.sequence_parallel)
         with seeded_init(config.seed, EMBEDDING_SALT):
             self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                          init_method=init_method_normal(config.init_method_std))
+                                                          init_method=init_method_normal(config.init_method_std),
+                                                          reduce_scatter_embeddings=self.sequence_parallel)
             self.position_embeddings: Optional[nn.Embedding] = None
             if config.position_embedding_type == "learned":
                 self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
                 nn.init.normal_(self.position_embeddings.weight, std=config.init_method_std)
+                if self.sequence_parallel:
+                    mark_sequence_parallel(self.position_embeddings.weight)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -45,12 +56,17 @@ class GPTEmbedding(nn.Module):
                 positions = torch.arange(n, device=tokens.device)
             else:  # the global positions of this rank's pieces
                 positions = get_context_layout(n).local_positions(tokens.device)
-            h = h + self.position_embeddings(positions).unsqueeze(0)
-        return self.dropout(h)
+            table = self.position_embeddings.weight
+            if self.sequence_parallel:  # this TP rank's slice of the positions; the table's grad summed over TP
+                positions, table = split_sequence(positions[None])[0], sequence_parallel_grad(table)
+            h = h + F.embedding(positions, table).unsqueeze(0)
+        with sequence_parallel_rng(self.sequence_parallel):
+            return self.dropout(h)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits with the tied input embedding as output matrix."""
-        return parallel_lm_logits(hidden, self.word_embeddings.weight)
+        """Vocab-parallel logits with the tied input embedding as output matrix (under sequence parallelism
+        the slices are all-gathered first)."""
+        return parallel_lm_logits(hidden, self.word_embeddings.weight, sequence_parallel=self.sequence_parallel)
 
 
 def masked_token_mean(losses: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,16 +115,25 @@ class GPTModel(nn.Module):
         self.config = config
         self.embedding = GPTEmbedding(config)
         self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
+                                         sequence_parallel=config.sequence_parallel)
+
+    def _run_layers(self, start: int, end: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(h: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers[start:end]:
+                h = layer(h)
+            return h
+        return run
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.embedding(tokens)
-        for layer in self.layers:
-            if self.config.recompute_activations and self.training and torch.is_grad_enabled():
+        recompute = self.training and torch.is_grad_enabled()
+        for start, end, full in self.config.recomputed_layer_groups(len(self.layers)):
+            if full and recompute:
                 # Restores the TP tracker's RNG too, so recomputed attention dropout draws the same mask.
-                h = rng_checkpoint(layer, h)
+                h = rng_checkpoint(self._run_layers(start, end), h)
             else:
-                h = layer(h)
+                h = self._run_layers(start, end)(h)
         logits = self.embedding.lm_logits(self.final_layernorm(h))
         if labels is None:
             return logits

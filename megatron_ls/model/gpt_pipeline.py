@@ -12,13 +12,14 @@ from torch import nn
 from megatron_ls.config import TransformerConfig
 from megatron_ls.model.gpt import GPTEmbedding, language_model_loss
 from megatron_ls.model.transformer import TransformerLayer
+from megatron_ls.parallel.sequence_parallel import LayerNorm
 
 
-class FinalLayerNorm(nn.LayerNorm):
+class FinalLayerNorm(LayerNorm):
     """The last LayerNorm before the LM head, as its own pipeline layer."""
 
     def __init__(self, config: TransformerConfig) -> None:
-        super().__init__(config.hidden_size, eps=config.layernorm_epsilon)
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon, sequence_parallel=config.sequence_parallel)
 
 
 def _lm_head_forward(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Tensor:
@@ -57,8 +58,10 @@ def build_gpt_pipeline(config: TransformerConfig, activation_checkpoint_interval
               TiedLayerSpec("embed", GPTEmbedding, config, forward_fn=_lm_head_forward,
                             tied_weight_attr="word_embeddings.weight")]
     interval = activation_checkpoint_interval
-    if interval is None:
-        interval = 1 if config.recompute_activations else 0
+    if interval is None:  # full recomputation of uniform groups; selective happens inside each layer
+        interval = (config.recompute_num_layers or 1) if config.recompute_granularity == "full" else 0
+        if config.recompute_granularity == "full" and config.recompute_method == "block":
+            raise ValueError("--recompute-method block is not available with pipeline parallelism; use uniform")
     from megatron_ls.parallel.random import checkpoint as rng_checkpoint
 
     return PipelineModule(layers=specs, loss_fn=pipeline_loss,

@@ -20,6 +20,13 @@ from megatron_ls.parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from megatron_ls.parallel.sequence_parallel import (
+    linear_with_sequence_gather,
+    mark_sequence_parallel,
+    reduce_scatter_to_sequence_parallel_region,
+    sequence_parallel_active,
+    sequence_parallel_grad,
+)
 from megatron_ls.parallel.utils import divide
 
 
@@ -70,15 +77,17 @@ class ColumnParallelLinear(nn.Module):
     """``y = x A^T + b`` with ``A`` split by rows (output features) across TP ranks.
 
     Weight shape ``(output_size/tp, input_size)``: the tp-th contiguous block of the full weight's rows.
-    Returns this rank's ``output_size/tp`` features, or all of them with ``gather_output=True``.
+    Returns this rank's ``output_size/tp`` features, or all of them with ``gather_output=True``. With
+    ``sequence_parallel`` the input is this rank's slice of the sequence (dim 1), all-gathered first.
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
                  init_method: InitMethod | None = None, params_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel_active(sequence_parallel)
         tp = state.get_tensor_model_parallel_world_size()
         self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
         self.weight = _sharded_parameter((output_size, input_size), 0, init_method or default_init_method(),
@@ -91,7 +100,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x[..., input_size] -> y[..., output_size/tp]`` (or ``[..., output_size]`` if gathered)."""
-        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        if self.sequence_parallel:
+            y = linear_with_sequence_gather(x, self.weight, self.bias)
+        else:
+            y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -104,15 +116,19 @@ class RowParallelLinear(nn.Module):
     """``y = x A^T + b`` with ``A`` split by columns (input features) across TP ranks.
 
     Weight shape ``(output_size, input_size/tp)``; partial products are all-reduced, then the (replicated,
-    unsharded) bias is added once. ``input_is_parallel=False`` scatters a full input first.
+    unsharded) bias is added once. ``input_is_parallel=False`` scatters a full input first. With
+    ``sequence_parallel`` the partial products are reduce-scattered along the sequence (dim 1) instead.
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = True,
                  init_method: InitMethod | None = None, params_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel_active(sequence_parallel)
+        if self.sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
         tp = state.get_tensor_model_parallel_world_size()
         self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
         self.weight = _sharded_parameter((output_size, input_size), 1, init_method or default_init_method(),
@@ -120,13 +136,19 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = _zeros(output_size, params_dtype, device)
             set_tensor_model_parallel_attributes(self.bias, False, 0)
+            if self.sequence_parallel:
+                mark_sequence_parallel(self.bias)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x[..., input_size/tp] -> y[..., output_size]`` (same on every TP rank)."""
+        """``x[..., input_size/tp] -> y[..., output_size]`` (same on every TP rank; under sequence parallelism
+        this rank's slice of the sequence)."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(F.linear(x, self.weight))
+            return y + sequence_parallel_grad(self.bias) if self.bias is not None else y
         y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
@@ -139,13 +161,16 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by rows (vocabulary) across TP ranks; lookups are all-reduced.
 
-    Rank ``t`` holds rows ``[t*V/tp, (t+1)*V/tp)``; ids outside its range contribute zeros.
+    Rank ``t`` holds rows ``[t*V/tp, (t+1)*V/tp)``; ids outside its range contribute zeros. With
+    ``reduce_scatter_embeddings`` (sequence parallelism) the lookups are reduce-scattered along the sequence.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod | None = None,
-                 params_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 params_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 reduce_scatter_embeddings: bool = False) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.reduce_scatter_embeddings = sequence_parallel_active(reduce_scatter_embeddings)
         tp = state.get_tensor_model_parallel_world_size()
         self.num_embeddings_per_partition = divide(
             num_embeddings, tp, "VocabParallelEmbedding num_embeddings (pad the vocabulary, e.g. "
@@ -162,6 +187,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
         local_ids = (ids - self.vocab_start_index).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(out)
         return reduce_from_tensor_model_parallel_region(out)
 
     def extra_repr(self) -> str:
@@ -170,10 +197,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def parallel_lm_logits(hidden: torch.Tensor, word_embeddings_weight: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, sequence_parallel: bool = False) -> torch.Tensor:
     """Vocab-parallel logits ``hidden @ W_local^T (+ bias_local)``: ``[..., h] -> [..., V/tp]``.
 
     ``word_embeddings_weight`` is this rank's ``(V/tp, h)`` shard (e.g. a tied VocabParallelEmbedding
-    weight). Feed the result to ``vocab_parallel_cross_entropy`` or gather it for full logits.
+    weight). Feed the result to ``vocab_parallel_cross_entropy`` or gather it for full logits. With
+    ``sequence_parallel`` ``hidden`` is this rank's sequence slice: it is all-gathered first.
     """
+    if sequence_parallel_active(sequence_parallel):
+        return linear_with_sequence_gather(hidden, word_embeddings_weight, bias)
     return F.linear(copy_to_tensor_model_parallel_region(hidden), word_embeddings_weight, bias)

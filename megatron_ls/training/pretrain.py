@@ -91,6 +91,10 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         checkpointing.check_compatible(ck.load, args.model)
         checkpointing.check_layout_change(ck.load, p, dp_size, load_optimizer=not (ck.no_load_optim or ck.finetune))
     pipeline = p.pipeline_model_parallel_size > 1
+    args.model.sequence_parallel = p.sequence_parallel and p.tensor_model_parallel_size > 1
+    if p.sequence_parallel and not args.model.sequence_parallel:
+        print_rank_0(" warning: --sequence-parallel needs --tensor-model-parallel-size > 1; running without it "
+                     "(as Megatron-LM does)")
     model = model_provider(args.model, pipeline)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
@@ -150,6 +154,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 
     cp_text = f" CP={cp_size} ({p.context_parallel_layout})" if cp_size > 1 else ""
+    cp_text += " SP" if args.model.sequence_parallel else ""
     print_rank_0(f" training: world size {world} (TP={p.tensor_model_parallel_size} "
                  f"PP={p.pipeline_model_parallel_size} DP={dp_size}{cp_text}), global batch {t.global_batch_size}, "
                  f"micro batch {mb}, gradient accumulation {grad_accum}, ZeRO-{p.zero_stage}")
