@@ -2,8 +2,8 @@
 
 A consolidated directory (``config.json`` + ``model.safetensors``) loads directly. A training checkpoint (``--save``
 directory with its ``latest`` marker) saved at any TP x PP (and any DP/CP) is merged on load with the converter's
-own code (``inference.convert``): the TP shards are concatenated along each parameter's partition dimension.
-The tokenizer is the one recorded in a training checkpoint's flags unless the caller names one.
+own code (``inference.convert.read_full_checkpoint``: TP shards concatenated along each parameter's partition
+dimension). The tokenizer is the one the checkpoint recorded unless the caller names one.
 """
 from __future__ import annotations
 
@@ -13,15 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_ls.checkpoint_files import CheckpointError
-from megatron_ls.inference.checkpoint_io import (CONFIG_FILE, InferenceCheckpointError, build_gpt_model,
-                                                 load_consolidated)
-
-
-def _training_checkpoint(path: str):
-    from megatron_ls.inference.convert import merge_tp_shards, partition_dims, read_tp_shards
-
-    config, shards, metadata = read_tp_shards(path)
-    return config, merge_tp_shards(shards, partition_dims(config)), metadata
+from megatron_ls.inference.checkpoint_io import CONFIG_FILE, InferenceCheckpointError, build_gpt_model
 
 
 def load_model_for_inference(path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
@@ -31,11 +23,10 @@ def load_model_for_inference(path: str, device: str | torch.device = "cpu", dtyp
     """
     if not os.path.isdir(path):
         raise InferenceCheckpointError(f"--load {path}: no such directory")
+    from megatron_ls.inference.convert import read_full_checkpoint
+
     try:
-        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            config, state, metadata = load_consolidated(path)
-        else:
-            config, state, metadata = _training_checkpoint(path)
+        config, state, metadata, _ = read_full_checkpoint(path)
     except CheckpointError as exc:
         raise InferenceCheckpointError(f"{path}: neither a consolidated checkpoint ({CONFIG_FILE} + "
                                        f"model.safetensors) nor a loadable training checkpoint: {exc}") from exc
