@@ -108,6 +108,11 @@ class LongShortLayerCache:
     def write_window(self, k: torch.Tensor, v: torch.Tensor, first_position: int) -> None:
         """Store normed keys/values of positions ``first_position ..`` (only the last ``w`` can matter)."""
         m = k.shape[2]
+        if m == 1:  # a decode step: one slot
+            slot = first_position % self.window
+            self.ring_k[:, :, slot] = k[:, :, 0]
+            self.ring_v[:, :, slot] = v[:, :, 0]
+            return
         keep = min(m, self.window)
         start = first_position + m - keep
         idx = torch.arange(start, start + keep, device=k.device) % self.window

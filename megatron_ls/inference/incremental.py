@@ -33,6 +33,13 @@ def _absorb_into_chunks(attn, cache: LongShortLayerCache, k: torch.Tensor, v: to
                         logits: torch.Tensor) -> None:
     """Add raw keys/values/projection logits of new tokens to the partial chunk; compress completed chunks."""
     l, r, p = cache.segment_len, cache.rank, cache.part_len
+    m = k.shape[2]
+    if p + m < l:  # the chunk is still not complete: just store the raw tokens
+        cache.part_k[:, :, p:p + m] = k
+        cache.part_v[:, :, p:p + m] = v
+        cache.part_logits[:, :, p:p + m] = logits
+        cache.part_len = p + m
+        return
     if p:
         k = torch.cat([cache.part_k[:, :, :p], k], dim=2)
         v = torch.cat([cache.part_v[:, :, :p], v], dim=2)
