@@ -1,0 +1,112 @@
+"""Image transforms in torch: random resized crop, horizontal flip, resize + center crop, normalisation.
+
+Randomness comes from a numpy generator made from ``(seed, sample number)``, never from a global stream, so an
+augmented sample is the same whichever DataLoader worker, data-parallel rank or resumed run produces it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_rng(seed: int, number: int) -> np.random.Generator:
+    """The generator of one sample's augmentation."""
+    return np.random.default_rng([int(seed), int(number), 0x5EED])
+
+
+def resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                     rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop of area fraction in ``scale`` and aspect in ``ratio`` (10 tries,
+    then the largest centered crop with an aspect inside ``ratio``), as the usual RandomResizedCrop."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (antialiased) resize of a ``(C, H, W)`` float image; a no-op at the same size."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+@dataclass
+class ImageTransform:
+    """uint8 ``(C, H, W)`` -> normalised float ``(C, img_h, img_w)``; ``train`` turns augmentation on."""
+
+    size: tuple[int, int]
+    train: bool
+    mean: Sequence[float]
+    std: Sequence[float]
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_prob: float = 0.5
+    augment: bool = True
+    eval_crop_fraction: float = 0.875
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 < self.eval_crop_fraction <= 1:
+            raise ValueError(f"--eval-crop-fraction must be in (0, 1], got {self.eval_crop_fraction}")
+        if not 0 <= self.hflip_prob <= 1:
+            raise ValueError(f"--hflip-prob must be in [0, 1], got {self.hflip_prob}")
+
+    def __call__(self, image: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).div_(255.0)
+        if len(self.mean) != x.shape[0] or len(self.std) != x.shape[0]:
+            raise ValueError(f"--image-mean/--image-std have {len(self.mean)}/{len(self.std)} values for "
+                             f"{x.shape[0]}-channel images")
+        if self.train and self.augment:
+            if rng is None:
+                raise ValueError("training transforms need the sample's generator")
+            top, left, h, w = resized_crop_box(x.shape[1], x.shape[2], self.crop_scale, self.crop_ratio, rng)
+            x = resize(x[:, top:top + h, left:left + w], self.size)
+            if rng.uniform() < self.hflip_prob:
+                x = x.flip(-1)
+        else:
+            x = self.center(x)
+        mean = torch.tensor(self.mean, dtype=x.dtype)[:, None, None]
+        std = torch.tensor(self.std, dtype=x.dtype)[:, None, None]
+        return (x - mean) / std
+
+    def center(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize so the crop of ``eval_crop_fraction`` of the shorter side is ``size``, then center-crop."""
+        th, tw = self.size
+        h, w = x.shape[-2:]
+        if self.eval_crop_fraction < 1.0 or (h, w) != (th, tw):
+            shorter = min(h, w)
+            want = int(round(max(th, tw) / self.eval_crop_fraction))
+            x = resize(x, (max(th, round(h * want / shorter)), max(tw, round(w * want / shorter))))
+            h, w = x.shape[-2:]
+        top, left = (h - th) // 2, (w - tw) // 2
+        return x[:, top:top + th, left:left + tw]
+
+
+def default_normalisation(num_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's statistics for RGB, 0.5 / 0.5 otherwise (override with --image-mean / --image-std)."""
+    if num_channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * num_channels, (0.5,) * num_channels
