@@ -142,15 +142,6 @@ def write_training_checkpoint(save_dir: str, config: TransformerConfig, full: di
     return ckpt
 
 
-TOKENIZER_KEYS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
-
-
-def tokenizer_settings(metadata: dict) -> dict:
-    """The checkpoint's tokenizer flags (training args, or what a consolidated checkpoint recorded)."""
-    data = metadata.get("args", {}).get("data", {}) or metadata.get("tokenizer", {})
-    return {k: data.get(k) for k in TOKENIZER_KEYS if data.get(k) is not None}
-
-
 def read_full_checkpoint(load_dir: str) -> tuple[TransformerConfig, dict, dict, bool]:
     """(config, full weights, metadata, is_consolidated) of a consolidated or any-layout training checkpoint."""
     from megatron_ls.inference.checkpoint_io import CONFIG_FILE, WEIGHTS_FILE, load_consolidated
@@ -178,7 +169,9 @@ def convert(load_dir: str, *, save_dir: Optional[str] = None, target_tp: int = 1
     if save_dir:
         written["checkpoint"] = write_training_checkpoint(save_dir, config, full, partition_dims(config), target_tp,
                                                           target_pp, metadata)
-    tokenizer = tokenizer_settings(metadata)
+    from megatron_ls.inference.loading import tokenizer_settings
+
+    tokenizer = tokenizer_settings(metadata)  # recorded in consolidated checkpoints, for generate and --to-hf
     if consolidated_dir:
         save_consolidated(consolidated_dir, config, full, {"iteration": metadata.get("iteration"),
                                                            "source": os.path.abspath(load_dir),

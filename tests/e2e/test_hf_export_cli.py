@@ -47,19 +47,29 @@ def _imports(path: Path) -> set:
     return names
 
 
+@pytest.mark.slow
 def test_to_hf_from_any_layout_loads_in_a_clean_interpreter(tmp_path):
     from safetensors.torch import load_file
 
     from megatron_ls.inference.checkpoint_io import load_gpt_model
 
     consolidated, training = write_checkpoints(tmp_path)
-    proc = run_cli([sys.executable, "tools/convert_checkpoint.py", "--load", training, "--to-hf",
-                    str(tmp_path / "hf_tp2pp2")])
+    convert = [sys.executable, "tools/convert_checkpoint.py"]
+    proc = run_cli([*convert, "--load", training, "--to-hf", str(tmp_path / "hf_tp2pp2"), "--consolidated-dir",
+                    str(tmp_path / "merged")])
     assert "wrote hugging face" in proc.stdout and "ByteTokenizer" in proc.stdout
-    proc = run_cli([sys.executable, "tools/convert_checkpoint.py", "--load", consolidated, "--to-hf",
-                    str(tmp_path / "hf_cons"), "--tokenizer-type", "ByteTokenizer"])
-    a, b = load_file(tmp_path / "hf_tp2pp2" / "model.safetensors"), load_file(tmp_path / "hf_cons" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a consolidated checkpoint without a recorded tokenizer needs the flag; one written by the converter not
+    proc = run_cli([*convert, "--load", consolidated, "--to-hf", str(tmp_path / "hf_cons")])
+    assert "tokenizer: unknown" in proc.stdout and not (tmp_path / "hf_cons" / "tokenizer.json").exists()
+    run_cli([*convert, "--load", consolidated, "--to-hf", str(tmp_path / "hf_cons"), "--tokenizer-type",
+             "ByteTokenizer"])
+    run_cli([*convert, "--load", str(tmp_path / "merged"), "--to-hf", str(tmp_path / "hf_merged")])
+    a = load_file(tmp_path / "hf_tp2pp2" / "model.safetensors")
+    tokenizer_json = (tmp_path / "hf_tp2pp2" / "tokenizer.json").read_text()
+    for other in ("hf_cons", "hf_merged"):
+        b = load_file(tmp_path / other / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), other
+        assert (tmp_path / other / "tokenizer.json").read_text() == tokenizer_json, other
     assert "lm_head.weight" not in a  # tied to model.embed_tokens.weight
     hf = tmp_path / "hf_tp2pp2"
     assert {p.name for p in hf.iterdir()} == {"config.json", "model.safetensors", "generation_config.json",

@@ -120,9 +120,10 @@ class MegatronLSAttention(nn.Module):
         if config.position_embedding_type == "rope":
             self.rotary_dim = int(self.head_dim * config.rotary_percent) // 2 * 2
         self.rotary_base = config.rotary_base
-        ls, eps, full_width = not self.full and config.dual_ln, config.layer_norm_epsilon, config.dual_ln_scope == "full"
-        self.local_norm = DualLayerNorm(self.heads, self.head_dim, eps, full_width) if ls and self.window else None
-        self.global_norm = DualLayerNorm(self.heads, self.head_dim, eps, full_width) if ls and self.rank else None
+        ls = not self.full and config.dual_ln
+        norm_args = (self.heads, self.head_dim, config.layer_norm_epsilon, config.dual_ln_scope == "full")
+        self.local_norm = DualLayerNorm(*norm_args) if ls and self.window else None
+        self.global_norm = DualLayerNorm(*norm_args) if ls and self.rank else None
 
     def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
         return rotate(x, positions, self.rotary_dim, self.rotary_base) if self.rotary_dim else x
@@ -165,18 +166,21 @@ class MegatronLSAttention(nn.Module):
         if w:
             if j0 < w - 1:  # only the first w-1 queries of a call can see earlier calls' window keys
                 rp = held.ring_pos[:, None, :]
-                ks.append(held.ring_k), vs.append(held.ring_v)
+                ks.append(held.ring_k)
+                vs.append(held.ring_v)
                 masks.append((rp >= 0) & (rp > tpos[:, :, None] - w))
             s0 = max(0, j0 - w + 1)
             q_idx = torch.arange(j0, j1, device=tpos.device)[:, None]
             k_idx = torch.arange(s0, j1, device=tpos.device)[None, :]
-            ks.append(kn[:, :, s0:j1]), vs.append(vn[:, :, s0:j1])
+            ks.append(kn[:, :, s0:j1])
+            vs.append(vn[:, :, s0:j1])
             masks.append(((k_idx <= q_idx) & (k_idx > q_idx - w)).expand(b, t, j1 - s0))
-        if r and held.comp_k is not None and held.comp_k.shape[2]:
+        if r and held.comp_k.shape[2]:
             visible_chunks = int((tpos[:, -1] // l).max())  # chunks the block's last queries may see
             g = min(held.comp_k.shape[2], visible_chunks * r)
             chunk_of = torch.arange(g, device=tpos.device) // r
-            ks.append(held.comp_k[:, :, :g]), vs.append(held.comp_v[:, :, :g])
+            ks.append(held.comp_k[:, :, :g])
+            vs.append(held.comp_v[:, :, :g])
             masks.append(chunk_of[None, None, :] < (tpos // l)[:, :, None])
         if not ks:  # projection only, no chunk finished yet: nothing to see
             empty = held.comp_k[:, :, :0]
