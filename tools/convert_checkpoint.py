@@ -44,15 +44,25 @@ def main(argv=None) -> None:
         p.error("nothing to do: give --save, --consolidated-dir and/or --to-hf")
     from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
     from megatron_ls.inference.convert import convert
+    from megatron_ls.inference.vit_checkpoint import consolidate_vision_checkpoint, is_vision_checkpoint
     from megatron_ls.training.checkpointing import CheckpointError
 
+    if is_vision_checkpoint(args.load):  # ViT-LS / ViL-LS (pretrain_vit_ls.py): consolidation only
+        if args.save or args.to_hf or not args.consolidated_dir:
+            p.error("vision checkpoints convert with --consolidated-dir only (no --save re-sharding, no --to-hf)")
+        try:
+            print(f" wrote consolidated: {consolidate_vision_checkpoint(args.load, args.consolidated_dir)}")
+        except (CheckpointError, InferenceCheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        return
     try:
         written = convert(args.load, save_dir=args.save, target_tp=args.target_tensor_parallel_size,
                           target_pp=args.target_pipeline_model_parallel_size,
                           consolidated_dir=args.consolidated_dir, hf_dir=args.to_hf, hf_dtype=args.hf_dtype,
                           hf_tokenizer={"tokenizer_type": args.tokenizer_type, "vocab_file": args.vocab_file,
                                         "merge_file": args.merge_file, "tokenizer_model": args.tokenizer_model})
-    except (CheckpointError, InferenceCheckpointError) as exc:
+    except (CheckpointError, InferenceCheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     for note in written.pop("notes", []):
