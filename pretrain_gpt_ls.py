@@ -29,6 +29,7 @@ def datasets_provider(args: Arguments, num_samples: tuple):
 
     from megatron_ls.data.gpt_dataset import build_gpt_datasets
     from megatron_ls.data.tokenizers import build_tokenizer
+    from megatron_ls.training.data_loading import check_dataset_vocabulary
 
     d = args.data
     tokenizer = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
@@ -39,6 +40,8 @@ def datasets_provider(args: Arguments, num_samples: tuple):
     train, valid, test = build_gpt_datasets(d.data_path, d.split, args.model.seq_length, num_samples,
                                             seed=args.model.seed, cache_dir=d.data_cache_path,
                                             is_builder=dist.get_rank() == 0, barrier=dist.barrier)
+    check_dataset_vocabulary(d.data_path, tokenizer.vocab_size, f"--tokenizer-type {d.tokenizer_type}",
+                             d.data_cache_path)
     return train, valid, test, tokenizer.is_byte_level
 
 

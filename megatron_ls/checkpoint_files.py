@@ -25,6 +25,32 @@ def checkpoint_tag(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (new names, renames) durable; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def durable_torch_save(obj: Any, path: str, zipfile: bool = True) -> None:
+    """``torch.save`` through a Python file, flushed and fsynced.
+
+    Writing through a Python file object makes a full disk or a permission problem surface as an ``OSError``
+    with its errno (torch's own path writer reports only "unexpected pos ...").
+    """
+    with open(path, "wb") as fh:
+        torch.save(obj, fh, _use_new_zipfile_serialization=zipfile)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old content or the new one, never a torn file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -34,7 +60,9 @@ def atomic_write_text(path: str, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        fsync_dir(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -42,13 +70,14 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary name in the same directory, then rename."""
+    """torch.save to a temporary name in the same directory (fsynced), then rename."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        durable_torch_save(obj, tmp)
         os.replace(tmp, path)
+        fsync_dir(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -90,14 +119,27 @@ def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint file {path} cannot be loaded safely: {type(exc).__name__}: {exc}") from exc
 
 
+def displaced_tag(tag: str) -> str:
+    """Where a live checkpoint directory waits while a re-save of the same iteration takes its name."""
+    return ".old-" + tag
+
+
 def read_latest_tag(load_dir: str) -> str:
-    """The tag named by ``load_dir/latest``, checked to point at a complete checkpoint."""
+    """The tag named by ``load_dir/latest``, checked to point at a complete checkpoint.
+
+    Re-saving the iteration ``latest`` names swaps the new directory in with one atomic exchange; where the file
+    system cannot exchange, the old directory is first renamed to ``.old-TAG``, and a crash right then leaves it
+    there: it is returned instead (a complete checkpoint, loadable like any other tag).
+    """
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load {load_dir}: no such directory")
     latest = os.path.join(load_dir, LATEST_FILE)
     if not os.path.isfile(latest):
         raise CheckpointError(f"--load {load_dir}: no '{LATEST_FILE}' marker, so no complete checkpoint to resume")
     tag = open(latest).read().strip()
+    if tag and os.sep not in tag and not os.path.isdir(os.path.join(load_dir, tag)):
+        if os.path.isfile(os.path.join(load_dir, displaced_tag(tag), METADATA_FILE)):
+            tag = displaced_tag(tag)
     if not tag or os.sep in tag or not os.path.isdir(os.path.join(load_dir, tag)):
         raise CheckpointError(f"--load {load_dir}: '{LATEST_FILE}' names {tag!r}, which is not a checkpoint "
                               f"directory there")

@@ -1,4 +1,4 @@
-"""Checkpoints: DeepSpeed's engine state plus our metadata, a `latest` marker written last and atomically.
+"""Checkpoints: DeepSpeed's engine state plus our metadata, saved crash-safely, loaded with clear refusals.
 
 Layout of ``--save DIR``::
 
@@ -7,38 +7,41 @@ Layout of ``--save DIR``::
     DIR/iter_0000100/megatron_ls.json  iteration, consumed samples, args, layout (rank 0)
     DIR/iter_0000100/rng/rank_00003.pt RNG states of every rank (exact resume of dropout)
 
-A crash mid-save leaves ``latest`` pointing at the previous checkpoint. Every file is loaded with
-``torch.load(weights_only=True)``: no pickled code runs on load.
+Saving (``checkpoint_save.py``) writes into a temporary directory and publishes it with one rename, so a crash
+or a full disk never damages a complete checkpoint. Every file is loaded with ``torch.load(weights_only=True)``:
+no pickled code runs on load. A checkpoint of another data x context parallel size or ZeRO stage is loaded
+through ``elastic.py``; another tensor / pipeline layout, model shape or attention setting is refused in one line.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch.distributed as dist
 
-from megatron_ls.checkpoint_files import (FORMAT_VERSION, LATEST_FILE, METADATA_FILE, CheckpointError,
-                                          atomic_torch_save, atomic_write_text, checkpoint_tag, read_latest_tag,
-                                          read_metadata, safe_torch_load)
+from megatron_ls.checkpoint_files import (LATEST_FILE, METADATA_FILE, CheckpointError, atomic_torch_save,
+                                          atomic_write_text, checkpoint_tag, read_latest_tag, read_metadata,
+                                          safe_torch_load)
+from megatron_ls.training.checkpoint_save import CheckpointSaveError, install_checkpoint_engine, save_checkpoint
 
-__all__ = ["CheckpointError", "LATEST_FILE", "METADATA_FILE", "atomic_torch_save", "atomic_write_text",
-           "checkpoint_tag", "read_latest_tag", "read_metadata", "safe_torch_load", "save_checkpoint",
-           "load_checkpoint", "check_compatible", "check_layout_change", "saved_layout",
-           "install_safe_checkpoint_engine"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "LATEST_FILE", "METADATA_FILE", "atomic_torch_save",
+           "atomic_write_text", "checkpoint_tag", "read_latest_tag", "read_metadata", "safe_torch_load",
+           "save_checkpoint", "load_checkpoint", "check_compatible", "check_layout_change", "check_resume_position",
+           "saved_layout", "install_safe_checkpoint_engine", "ATTENTION_SETTINGS"]
+
+# Model settings whose change makes the saved weights the wrong shape: always refused.
+SHAPE_SETTINGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "projection_rank",
+                  "dual_ln", "full_attention_layers")
+# Settings that change what attention computes with the same weights: refused on resume unless --finetune or
+# --allow-attention-change (a silent change would continue training a different model).
+ATTENTION_SETTINGS = ("window_size", "segment_length", "dual_ln_scope", "window_extension", "projection_input",
+                      "position_embedding_type", "rotary_base", "rotary_percent")
+
 
 def install_safe_checkpoint_engine(engine: Any) -> None:
-    """Make the DeepSpeed engine load every checkpoint file with ``weights_only=True``."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):  # noqa: D401 - DeepSpeed's interface
-            return safe_torch_load(path, map_location=map_location)
-
-    current = getattr(engine, "checkpoint_engine", None)
-    if current is None or type(current) is TorchCheckpointEngine:
-        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+    """Make the DeepSpeed engine load every checkpoint file with ``weights_only=True`` and save durably."""
+    install_checkpoint_engine(engine)
 
 
 @dataclass
@@ -57,45 +60,55 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples: int, args_dict: dict,
-                    rng_state: dict, extra_metadata: Optional[dict] = None) -> str:
-    """Save engine + metadata + this rank's RNG state; move ``latest`` to it only when every rank is done."""
-    tag = checkpoint_tag(iteration)
-    ckpt_dir = os.path.join(save_dir, tag)
-    if _rank() == 0:
-        os.makedirs(os.path.join(ckpt_dir, "rng"), exist_ok=True)
-    _barrier()
-    # DeepSpeed writes its own files; we never let it touch `latest` (it writes that non-atomically).
-    engine.save_checkpoint(save_dir, tag=tag, client_state={"iteration": iteration,
-                                                            "consumed_samples": consumed_samples},
-                           save_latest=False)
-    atomic_torch_save(rng_state, os.path.join(ckpt_dir, "rng", f"rank_{_rank():05d}.pt"))
-    if _rank() == 0:
-        metadata = {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-                    "world_size": dist.get_world_size() if dist.is_initialized() else 1, "args": args_dict}
-        metadata.update(extra_metadata or {})
-        atomic_write_text(os.path.join(ckpt_dir, METADATA_FILE), json.dumps(metadata, indent=2, default=str))
-    _barrier()
-    if _rank() == 0:
-        atomic_write_text(os.path.join(save_dir, LATEST_FILE), tag + "\n")
-    _barrier()
-    return ckpt_dir
+def _flag(name: str) -> str:
+    import dataclasses
+
+    from megatron_ls.config import TransformerConfig
+
+    for f in dataclasses.fields(TransformerConfig):
+        if f.name == name:
+            return f.metadata.get("flag", "--" + name.replace("_", "-"))
+    return "--" + name.replace("_", "-")
 
 
-def check_compatible(load_dir: str, model_config: Any) -> None:
-    """Fail early, naming the flag, when the checkpoint's model shape differs from this run's."""
+def _same(saved: Any, current: Any) -> bool:
+    if isinstance(saved, list) or isinstance(current, tuple):
+        return list(saved) == list(current)
+    return saved == current
+
+
+def check_compatible(load_dir: str, model_config: Any, *, finetune: bool = False,
+                     allow_attention_change: bool = False) -> None:
+    """Fail early, naming the flags, when the checkpoint's model differs from this run's.
+
+    A different shape (layers, widths, projection rank, DualLN, full-attention layers, padded vocab, learned
+    position table) never loads. A different attention setting (``ATTENTION_SETTINGS``) would load and silently
+    train another model: it is refused unless ``finetune`` or ``allow_attention_change``.
+    """
     saved = read_metadata(load_dir, read_latest_tag(load_dir)).get("args", {}).get("model", {})
-    problems = []
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "projection_rank",
-                 "position_embedding_type", "dual_ln"):
-        if name in saved and saved[name] != getattr(model_config, name):
-            problems.append(f"--{name.replace('_', '-')} is {getattr(model_config, name)} here but "
-                            f"{saved[name]} in the checkpoint")
+
+    def differs(name: str) -> bool:
+        return name in saved and not _same(saved[name], getattr(model_config, name))
+
+    def text(name: str) -> str:
+        return f"{_flag(name)} is {getattr(model_config, name)} here but {saved[name]} in the checkpoint"
+
+    shape = [text(n) for n in SHAPE_SETTINGS if differs(n)]
+    learned = "learned" in (saved.get("position_embedding_type"), model_config.position_embedding_type)
+    if learned and differs("position_embedding_type"):
+        shape.append(text("position_embedding_type") + " (the learned position table)")
+    elif model_config.position_embedding_type == "learned" and differs("max_position_embeddings"):
+        shape.append(text("max_position_embeddings"))
     if "vocab_size" in saved and saved["vocab_size"] != model_config.vocab_size:
-        problems.append(f"padded vocab size is {model_config.vocab_size} here but {saved['vocab_size']} in the "
-                        f"checkpoint (padding = multiple of --make-vocab-size-divisible-by x tensor parallel size)")
-    if problems:
-        raise CheckpointError(f"--load {load_dir}: " + "; ".join(problems))
+        shape.append(f"padded vocab size is {model_config.vocab_size} here but {saved['vocab_size']} in the "
+                     f"checkpoint (padding = multiple of --make-vocab-size-divisible-by x tensor parallel size)")
+    if shape:
+        raise CheckpointError(f"--load {load_dir}: " + "; ".join(shape))
+    changed = [text(n) for n in ATTENTION_SETTINGS if differs(n) and not (learned and n == "position_embedding_type")]
+    if changed and not (finetune or allow_attention_change):
+        raise CheckpointError(f"--load {load_dir}: " + "; ".join(changed) + "; resuming would continue training "
+                              f"with different attention: pass --finetune (weights only, a new run) or "
+                              f"--allow-attention-change (resume as is), or use the checkpoint's settings")
 
 
 def saved_layout(load_dir: str) -> dict:
@@ -105,45 +118,82 @@ def saved_layout(load_dir: str) -> dict:
     parallel = metadata.get("args", {}).get("parallel", {})
     layout.setdefault("context_parallel_size", parallel.get("context_parallel_size", 1))
     layout.setdefault("data_parallel_size", 1)
+    layout.setdefault("tensor_model_parallel_size", parallel.get("tensor_model_parallel_size", 1))
+    layout.setdefault("pipeline_model_parallel_size", parallel.get("pipeline_model_parallel_size", 1))
     layout["zero_stage"] = int(parallel.get("zero_stage", 0))
     return layout
 
 
-def check_layout_change(load_dir: str, parallel: Any, data_parallel_size: int, *, load_optimizer: bool) -> None:
-    """Refuse, naming the flags, a change of DP x CP that DeepSpeed cannot load.
+def check_layout_change(load_dir: str, parallel: Any, data_parallel_size: int, *,
+                        load_optimizer: bool = True) -> None:
+    """Refuse, in one line naming the converter, a checkpoint of another tensor or pipeline layout.
 
-    Context parallelism does not change weight shapes, so weights load at any CP (and DP). DeepSpeed's ZeRO
-    optimizer state is partitioned over the DP x CP ranks and is not re-partitioned on load; ZeRO-3 partitions
-    the weights too. Without ZeRO (stage 0) the whole optimizer state sits in the model file: any change works.
+    Any data x context parallel size and ZeRO stage loads (``elastic.py``); ``load_optimizer`` is accepted for
+    callers of the earlier interface and changes nothing.
     """
+    del data_parallel_size, load_optimizer
     saved = saved_layout(load_dir)
-    before = int(saved["data_parallel_size"]) * int(saved["context_parallel_size"])
-    now = data_parallel_size * parallel.context_parallel_size
-    if before == now:
+    before = (int(saved["tensor_model_parallel_size"]), int(saved["pipeline_model_parallel_size"]))
+    now = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    if before != now:
+        raise CheckpointError(
+            f"--load {load_dir}: saved with TP={before[0]} x PP={before[1]}, this run has TP={now[0]} x PP={now[1]}; "
+            f"re-shard it first: python tools/convert_checkpoint.py --load {load_dir} --save NEW_DIR "
+            f"--target-tensor-parallel-size {now[0]} --target-pipeline-model-parallel-size {now[1]}, then "
+            f"--load NEW_DIR (keep the padded vocab equal: --make-vocab-size-divisible-by)")
+
+
+def check_resume_position(load_dir: str, train_iters: int, *, finetune: bool = False) -> None:
+    """Refuse to resume a checkpoint that is already past ``--train-iters``."""
+    if finetune:
         return
-    what = (f"--load {load_dir}: saved with DP={saved['data_parallel_size']} x CP={saved['context_parallel_size']}"
-            f" = {before} replicas of each model shard, this run has DP={data_parallel_size} x "
-            f"CP={parallel.context_parallel_size} = {now}")
-    if 3 in (saved["zero_stage"], parallel.zero_stage):
-        raise CheckpointError(f"{what}; ZeRO-3 partitions the weights themselves over those ranks and DeepSpeed "
-                              f"cannot re-partition them: resume with the same data x context parallel size")
-    if load_optimizer and parallel.zero_stage > 0:
-        raise CheckpointError(f"{what}; ZeRO-{parallel.zero_stage} optimizer state is partitioned over them and "
-                              f"DeepSpeed cannot re-partition it: resume with the same data x context parallel "
-                              f"size, or pass --no-load-optim (weights, iteration and data position kept, fresh "
-                              f"optimizer) or --finetune")
+    iteration = read_metadata(load_dir, read_latest_tag(load_dir))["iteration"]
+    if iteration > train_iters:
+        raise CheckpointError(f"--load {load_dir} is at iteration {iteration}, past --train-iters {train_iters}: "
+                              f"nothing is left to train; pass --train-iters > {iteration} to continue, or "
+                              f"--finetune to start a new run from its weights")
+
+
+def _needs_elastic(engine: Any, metadata: dict, ckpt_dir: str, *, load_optimizer: bool) -> bool:
+    """True when DeepSpeed's own loader cannot take this checkpoint: another DP x CP, ZeRO stage or precision."""
+    from megatron_ls.parallel import state as ps
+    from megatron_ls.training.elastic import engine_kind, saved_kind
+
+    layout = metadata.get("layout", {})
+    training = metadata.get("args", {}).get("training", {})
+    saved_dp = int(layout.get("data_parallel_size", 1)) * int(layout.get("context_parallel_size", 1))
+    kind_now = engine_kind(engine)
+    kind_saved = saved_kind(ckpt_dir, engine.checkpoint_mp_rank)
+    same_setup = (int(metadata.get("args", {}).get("parallel", {}).get("zero_stage", 0))
+                  == engine.zero_optimization_stage() and bool(training.get("bf16")) == engine.bfloat16_enabled()
+                  and bool(training.get("fp16")) == engine.fp16_enabled())
+    if not same_setup or kind_now != kind_saved:
+        return True
+    if kind_now == "zero3" and not load_optimizer:
+        return True  # DeepSpeed's weights-only ZeRO-3 path re-reads the files without weights_only
+    partitioned = kind_now in ("flat", "zero3")  # plain / unfused state is whole on every rank: any DP loads
+    return partitioned and saved_dp != ps.get_data_parallel_world_size_with_context_parallel()
 
 
 def load_checkpoint(engine: Any, load_dir: str, *, load_optimizer: bool = True, load_rng: bool = True,
                     finetune: bool = False) -> tuple[LoadedState, Optional[dict]]:
-    """Load the checkpoint named by ``latest``; returns the restored counters and this rank's RNG state."""
+    """Load the checkpoint named by ``latest``; returns the restored counters and this rank's RNG state.
+
+    RNG states are restored only when the world size is the one saved (they are per rank).
+    """
+    from megatron_ls.training.elastic import load_elastic
+
     tag = read_latest_tag(load_dir)
     metadata = read_metadata(load_dir, tag)
     install_safe_checkpoint_engine(engine)
+    load_optimizer = load_optimizer and not finetune
     try:
-        load_path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer and not finetune,
-                                              load_lr_scheduler_states=not finetune,
-                                              load_module_only=finetune)
+        if _needs_elastic(engine, metadata, os.path.join(load_dir, tag), load_optimizer=load_optimizer):
+            load_elastic(engine, load_dir, tag, load_optimizer=load_optimizer, load_training_state=not finetune)
+            load_path = os.path.join(load_dir, tag)
+        else:
+            load_path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                                  load_lr_scheduler_states=not finetune, load_module_only=finetune)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many kinds for damaged files
@@ -152,7 +202,8 @@ def load_checkpoint(engine: Any, load_dir: str, *, load_optimizer: bool = True, 
     if load_path is None:
         raise CheckpointError(f"--load {load_dir}: DeepSpeed found no model files for checkpoint {tag}")
     rng_state = None
-    if load_rng and not finetune:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if load_rng and not finetune and int(metadata.get("world_size", world)) == world:
         rng_path = os.path.join(load_dir, tag, "rng", f"rank_{_rank():05d}.pt")
         if os.path.isfile(rng_path):
             rng_state = safe_torch_load(rng_path)

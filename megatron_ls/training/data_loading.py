@@ -70,3 +70,20 @@ def build_data_iterator(dataset: Any, consumed_samples: int, micro_batch_size: i
     if context_layout is not None and context_layout.cp > 1:
         return _sliced(iter(loader), context_layout)
     return iter(loader)
+
+
+def check_dataset_vocabulary(data_path: Sequence[str], vocab_size: int, what: str,
+                             cache_dir: Optional[str] = None) -> None:
+    """Refuse (``TokenIdError`` naming the file, the id and the size) data with ids outside the vocabulary.
+
+    ``data_path`` is Megatron's ``--data-path`` (prefixes, optionally weighted). Rank 0 scans each ``.bin`` once
+    (cached next to the index caches); every rank then checks the cached range, so all fail alike.
+    """
+    import torch.distributed as dist
+
+    from megatron_ls.data.token_check import check_token_ids, data_path_prefixes
+
+    prefixes = data_path_prefixes(data_path)
+    distributed = dist.is_available() and dist.is_initialized()
+    check_token_ids(prefixes, vocab_size, what, cache_dir, is_builder=not distributed or dist.get_rank() == 0,
+                    barrier=dist.barrier if distributed else None)

@@ -34,8 +34,12 @@ def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_p
     select_accelerator()
     from megatron_ls.parallel import state as ps
     from megatron_ls.parallel.random import model_parallel_manual_seed
+    from megatron_ls.training import faults
 
-    ps.initialize_distributed(backend=backend, timeout_s=timeout_minutes * 60)
+    faults.nccl_environment()
+    # --distributed-timeout-minutes bounds the rendezvous and every collective (not torch's 30-minute default).
+    ps.initialize_distributed(backend=backend, timeout_s=timeout_minutes * 60,
+                              collective_timeout_s=timeout_minutes * 60)
     import deepspeed
     import torch.distributed as dist
 
@@ -45,6 +49,7 @@ def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_p
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size,
                                      context_parallel_size)
+    faults.bound_collective_timeouts(timeout_minutes)
     from megatron_ls.parallel.context_parallel import set_context_layout_kind
 
     set_context_layout_kind(context_parallel_layout)

@@ -8,12 +8,16 @@ from megatron_ls.config import TrainingConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices (decayed) and biases / norm parameters (not decayed)."""
+    """Two groups: matrices (decayed) and biases / norm parameters (not decayed).
+
+    Shapes are the full ones (``ds_shape``) under ZeRO-3, whose parameters are empty placeholders once partitioned:
+    elastic resume re-derives this order from a ZeRO-3 engine's module.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.dim() < 2 or name.endswith(".bias") or "norm" in name:
+        if len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias") or "norm" in name:
             no_decay.append(param)
         else:
             decay.append(param)

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from typing import Any, Callable, Optional
 
 import torch.distributed as dist
@@ -12,7 +13,7 @@ from torch import nn
 
 from megatron_ls.arguments import Arguments, build_deepspeed_config
 from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
-from megatron_ls.training import checkpointing
+from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import build_data_iterator
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
 from megatron_ls.training.lr_schedule import build_scheduler
@@ -88,8 +89,11 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     train_ds, valid_ds, test_ds, data_byte_level = datasets_provider(args, _num_samples(args))
     byte_level = data_byte_level if byte_level is None else byte_level
     if ck.load:
-        checkpointing.check_compatible(ck.load, args.model)
-        checkpointing.check_layout_change(ck.load, p, dp_size, load_optimizer=not (ck.no_load_optim or ck.finetune))
+        faults.set_phase(f"checking --load {ck.load}")
+        checkpointing.check_compatible(ck.load, args.model, finetune=ck.finetune,
+                                       allow_attention_change=ck.allow_attention_change)
+        checkpointing.check_layout_change(ck.load, p, dp_size)
+        checkpointing.check_resume_position(ck.load, t.train_iters, finetune=ck.finetune)
     pipeline = p.pipeline_model_parallel_size > 1
     args.model.sequence_parallel = p.sequence_parallel and p.tensor_model_parallel_size > 1
     if p.sequence_parallel and not args.model.sequence_parallel:
@@ -102,17 +106,25 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                                            config=ds_config, mpu=None if pipeline else deepspeed_mpu(),
                                            dist_init_required=False)
     checkpointing.install_safe_checkpoint_engine(engine)
+    faults.bound_collective_timeouts(p.distributed_timeout_minutes)  # DeepSpeed's pipeline groups too
     steps: Steps = build_steps(engine, pipeline, grad_accum, t.bf16, t.fp16)
 
     iteration, consumed = 0, 0
+    unchanged_in_save = None  # an iteration --save already holds, unchanged (resumed from that directory)
     if ck.load:
         from megatron_ls.parallel.random import set_rng_state_dict
 
+        faults.set_phase(f"loading checkpoint {ck.load}")
         loaded, rng_state = checkpointing.load_checkpoint(engine, ck.load, load_optimizer=not ck.no_load_optim,
                                                           load_rng=not ck.no_load_rng, finetune=ck.finetune)
         iteration, consumed = loaded.iteration, loaded.consumed_samples
         if rng_state is not None:
             set_rng_state_dict(rng_state)
+        elif not (ck.no_load_rng or ck.finetune):
+            print_rank_0(f" RNG states not restored: saved by {loaded.metadata.get('world_size')} ranks, "
+                         f"{world} now (dropout masks differ from an uninterrupted run)")
+        if ck.save and not ck.finetune and os.path.realpath(ck.save) == os.path.realpath(ck.load):
+            unchanged_in_save = iteration
         print_rank_0(f" loaded checkpoint from {ck.load} at iteration {iteration}")
 
     mb = t.micro_batch_size
@@ -126,6 +138,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     def run_eval(prefix: str, dataset: Any, step: int, name: str) -> Optional[float]:
         if dataset is None or lg.eval_iters <= 0:
             return None
+        faults.set_phase(f"{prefix} evaluation at iteration {step}")
         if task.evaluate is not None:
             result = task.evaluate(steps, dataset, lg.eval_iters)
             print_rank_0("-" * 80 + f"\n {prefix} at iteration {step} | {result['line']}\n" + "-" * 80)
@@ -142,8 +155,13 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         return loss
 
     def save(step: int) -> None:
+        nonlocal unchanged_in_save
         from megatron_ls.parallel.random import get_rng_state_dict
 
+        if step == unchanged_in_save:
+            print_rank_0(f" checkpoint of iteration {step} is already in {ck.save}, unchanged; not rewritten")
+            return
+        faults.set_phase(f"saving the checkpoint of iteration {step} to {ck.save}")
         path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args),
                                              get_rng_state_dict(), {"layout": {
                                                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
@@ -151,6 +169,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                                                  "context_parallel_size": cp_size,
                                                  "context_parallel_layout": p.context_parallel_layout,
                                                  "data_parallel_size": dp_size}, **task.metadata})
+        unchanged_in_save = step
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 
     cp_text = f" CP={cp_size} ({p.context_parallel_layout})" if cp_size > 1 else ""
@@ -162,15 +181,14 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     interval_start = time.perf_counter()
     skipped_total = 0
     exited_early = False
+    nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
     while iteration < t.train_iters:
+        faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr  # the rate this step uses (the scheduler moves on inside the step)
         loss, skipped = steps.train_step(train_iter)
         iteration += 1
         consumed += t.global_batch_size
         skipped_total += int(skipped)
-        if not math.isfinite(loss) and not skipped:
-            raise FloatingPointError(f"loss is {loss} at iteration {iteration} (not a skipped fp16 step); "
-                                     f"lower --lr or use --bf16/--fp16 loss scaling")
         interval_losses.append(loss)
         summary["train_losses"].append(loss)
         grad_norm = steps.grad_norm()
@@ -190,6 +208,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             tb.scalars({"throughput": tflops, "tokens-per-second-per-gpu": tokens_per_sec, **memory_stats_mb()},
                        iteration)
             interval_losses, interval_start = [], time.perf_counter()
+        nonfinite.update(iteration, loss, grad_norm, skipped)
         if lg.eval_interval and iteration % lg.eval_interval == 0 and iteration < t.train_iters:
             run_eval("validation", valid_ds, iteration, "validation")
         if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
@@ -215,21 +234,27 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run an entry point: clean shutdown always, clear one-line errors and a non-zero exit code on failure."""
+    """Run an entry point: a clean shutdown on success; on a known failure one line ``error: ...`` on stderr and
+    exit status 1 (a traceback only for what is not a known failure class, i.e. a bug); never a barrier after a
+    failure, since the peers may be gone."""
     from megatron_ls.config import ConfigError
     from megatron_ls.training.checkpointing import CheckpointError
 
-    code = 0
     try:
         main()
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = 1
-    finally:
-        try:
-            shutdown() if code == 0 else None
-        except Exception as exc:  # noqa: BLE001 - shutdown must not hide the real outcome
-            print(f"warning: shutdown failed: {exc}", file=sys.stderr)
-    if code:
-        # A failed rank must not wait on a barrier its peers may never reach.
-        os._exit(code)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure ends here, known ones in one line
+        known = isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
+        line = str(exc) if known else faults.describe_failure(exc)
+        if line is None:
+            traceback.print_exc()
+        elif not getattr(exc, "all_ranks", False) or not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    try:
+        shutdown()
+    except Exception as exc:  # noqa: BLE001 - shutdown must not hide the real outcome
+        print(f"warning: shutdown failed: {exc}", file=sys.stderr)

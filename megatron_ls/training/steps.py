@@ -1,6 +1,7 @@
 """One optimizer step / one evaluation over a global batch, for the plain and the pipeline DeepSpeed engines."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Optional
 
 import torch
@@ -59,17 +60,21 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
 
 
 class _GradNormRecorder:
-    """Gradient norm and clipping when DeepSpeed steps our torch optimizer directly (fp32, ZeRO-0).
+    """Gradient norm, clipping and non-finite skipping when DeepSpeed steps our torch optimizer (fp32, ZeRO-0).
 
-    DeepSpeed's own optimizer wrappers (ZeRO, bf16, fp16) record the norm themselves. On the plain path DeepSpeed
-    neither records it nor, with pipeline parallelism, counts a tied embedding once (it sits on two stages), so
-    the clip factor would depend on the layout. Here the norm is computed layout-independently and applied.
+    DeepSpeed's own optimizer wrappers (ZeRO, bf16, fp16) record the norm themselves and skip a step whose norm
+    is not finite. On the plain path DeepSpeed neither records the norm nor, with pipeline parallelism, counts a
+    tied embedding once (it sits on two stages), so the clip factor would depend on the layout; it also applies
+    a NaN update. Here the norm is computed layout-independently, applied as the clip, and a step with a
+    non-finite norm is skipped: the optimizer's ``overflow`` flag tells DeepSpeed, which then counts the step
+    as skipped and leaves the LR schedule where it is (as Megatron does for skipped iterations).
     """
 
     def __init__(self, engine: Any) -> None:
         self.value: Optional[float] = None
         self._fresh = False
-        if hasattr(engine.optimizer, "_global_grad_norm") or not hasattr(engine.optimizer, "register_step_pre_hook"):
+        optimizer = engine.optimizer
+        if hasattr(optimizer, "_global_grad_norm") or not isinstance(optimizer, torch.optim.Optimizer):
             return
         module, max_norm = engine.module, engine.gradient_clipping()
 
@@ -81,13 +86,20 @@ class _GradNormRecorder:
                     if param.grad is not None:
                         param.grad.mul_(coeff)
 
-        def before_step(*_: Any) -> None:
+        inner_step = optimizer.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
             if not self._fresh:  # no clipping configured: measure here
                 self.value = unclipped_grad_norm(module)
             self._fresh = False
+            optimizer.overflow = not math.isfinite(self.value)
+            if optimizer.overflow:
+                return None  # weights untouched; DeepSpeed zeroes the gradients and counts a skipped step
+            return inner_step(*args, **kwargs)
 
+        optimizer.overflow = False
         engine.clip_fp32_gradients = clip_and_record
-        engine.optimizer.register_step_pre_hook(before_step)
+        optimizer.step = guarded_step
 
 
 class Steps:

@@ -1,0 +1,127 @@
+"""Faults as the user sees them: one line naming the step and the rank, a non-zero exit, never a hang.
+
+* :func:`set_phase` records what this process is doing ("training iteration 12", "saving checkpoint ..."), so an
+  error raised deep inside a collective can be reported with the step it interrupted.
+* :func:`bound_collective_timeouts` gives every process group this rank belongs to (ours, DeepSpeed's pipeline
+  groups) the ``--distributed-timeout-minutes`` timeout: torch gives groups made by ``new_group`` 30 minutes
+  whatever the default group has. gloo then raises from the stuck collective; NCCL's watchdog
+  (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default) aborts the process after the same time.
+* :class:`NonFiniteTracker` turns a run of skipped non-finite steps into one :class:`NumericsError`.
+* :func:`describe_failure` maps the failure classes users meet to one line; anything else is a bug and keeps its
+  traceback.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from typing import Optional
+
+import torch.distributed as dist
+
+_PHASE = "start-up"
+_TIMEOUT_MINUTES: Optional[float] = None
+
+# Substrings of the errors torch's backends raise when a peer is stuck (timeout) or gone (connection lost).
+_TIMEOUT_MARKS = ("timed out", "timeout", "watchdog")
+_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+
+
+class NumericsError(RuntimeError):
+    """Training stopped because the loss or the gradient norm stayed non-finite."""
+
+
+def set_phase(text: str) -> None:
+    """Record the step this process is in (used in error messages)."""
+    global _PHASE
+    _PHASE = text
+
+
+def phase() -> str:
+    return _PHASE
+
+
+def nccl_environment() -> None:
+    """NCCL: tear the process down when a collective exceeds the group timeout (torch's default, made explicit)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+
+
+def bound_collective_timeouts(minutes: float) -> int:
+    """Set ``minutes`` as the timeout of every process group this rank is in; returns how many were set."""
+    global _TIMEOUT_MINUTES
+    _TIMEOUT_MINUTES = minutes
+    if not dist.is_initialized():
+        return 0
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=minutes * 60)
+    count = 0
+    for group in list(getattr(c10d._world, "pg_map", {}).keys()):
+        try:
+            if c10d._rank_not_in_group(group):
+                continue
+            c10d._set_pg_timeout(timeout, group)
+            count += 1
+        except (RuntimeError, ValueError, AttributeError):
+            continue  # a backend that cannot change its timeout keeps the one it was made with
+    return count
+
+
+class NonFiniteTracker:
+    """Counts consecutive skipped non-finite steps; raises :class:`NumericsError` at ``limit``.
+
+    With fp16 loss scaling an overflow is routine (the scaler lowers the scale and the step is skipped), so those
+    steps are not counted. Otherwise (fp32, bf16) a step whose loss or gradient norm is not finite is skipped by
+    the optimizer (weights and LR schedule unchanged) and counted here.
+    """
+
+    def __init__(self, limit: int, loss_scaling: bool) -> None:
+        self.limit = max(1, int(limit))
+        self.loss_scaling = loss_scaling
+        self.consecutive = 0
+
+    def update(self, iteration: int, loss: float, grad_norm: Optional[float], skipped: bool) -> None:
+        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        values = f"lm loss {loss:.6E}, grad norm {grad_norm if grad_norm is not None else 'n/a'}"
+        if bad and not skipped:
+            raise NumericsError(f"iteration {iteration}: {values} is not finite and the optimizer step was not "
+                                f"skipped; the weights are no longer usable: lower --lr or check the data, and "
+                                f"resume from the last checkpoint")
+        if not skipped or self.loss_scaling:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        if self.consecutive >= self.limit:
+            raise NumericsError(f"iteration {iteration}: {self.consecutive} consecutive iteration(s) with a "
+                                f"non-finite loss or gradient norm ({values}); each was skipped (weights "
+                                f"unchanged); stopping (--nonfinite-steps-limit {self.limit}): lower --lr, check "
+                                f"the data, or resume from the last checkpoint")
+
+
+def _rank_text() -> str:
+    return f"rank {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "rank 0"
+
+
+def describe_failure(exc: BaseException) -> Optional[str]:
+    """One line for a known failure class (distributed timeout or lost peer, numerics, disk), else None."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, NumericsError):
+        return f"{_rank_text()}: {first}"
+    if "loss scale already at minimum" in first:
+        return (f"{_rank_text()}: {_PHASE}: the fp16 loss scale reached its minimum and the step still overflows "
+                f"(the loss or gradients are not finite); lower --lr or use --bf16")
+    lowered = first.lower()
+    distributed = isinstance(exc, RuntimeError) and (
+        any(mark in lowered for mark in _TIMEOUT_MARKS + _PEER_MARKS)
+        or type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"))
+    if distributed:
+        limit = (f"--distributed-timeout-minutes {_TIMEOUT_MINUTES:g}" if _TIMEOUT_MINUTES is not None
+                 else "the distributed timeout")
+        if any(mark in lowered for mark in _PEER_MARKS):
+            what = "a peer rank exited or lost its connection"
+        else:
+            what = f"a collective did not complete within {limit}: a peer rank is stuck or dead"
+        return f"{_rank_text()}: {_PHASE}: {what} ({type(exc).__name__}: {first})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{_rank_text()}: {_PHASE}: {os.strerror(exc.errno)}: {exc.filename or first}"
+    return None
