@@ -28,7 +28,9 @@ def datasets_provider(args: Arguments, num_samples: tuple):
     import torch.distributed as dist
 
     from megatron_ls.data.gpt_dataset import build_gpt_datasets
+    from megatron_ls.data.split_parts import empty_eval_parts
     from megatron_ls.data.tokenizers import build_tokenizer
+    from megatron_ls.training.checkpoint_vocab import checkpoint_padded_vocab
     from megatron_ls.training.data_loading import check_dataset_vocabulary
 
     d = args.data
@@ -36,7 +38,17 @@ def datasets_provider(args: Arguments, num_samples: tuple):
                                 merge_file=d.merge_file, vocab_size=d.null_vocab_size,
                                 make_vocab_size_divisible_by=d.make_vocab_size_divisible_by,
                                 tensor_model_parallel_size=args.parallel.tensor_model_parallel_size)
+    say = print if dist.get_rank() == 0 else None
     args.model.vocab_size = tokenizer.padded_vocab_size
+    if args.checkpoint.load:  # a re-sharded checkpoint keeps its padded vocab
+        args.model.vocab_size = checkpoint_padded_vocab(args.checkpoint.load, tokenizer.padded_vocab_size,
+                                                        tokenizer.vocab_size, args.parallel.tensor_model_parallel_size,
+                                                        notice=say)
+    empty = empty_eval_parts(d.data_path, d.split) if d.data_path else {}
+    for reason in empty.values():
+        if say:
+            say(f" warning: {reason}")
+    num_samples = tuple(0 if s in empty else n for s, n in enumerate(num_samples))
     train, valid, test = build_gpt_datasets(d.data_path, d.split, args.model.seq_length, num_samples,
                                             seed=args.model.seed, cache_dir=d.data_cache_path,
                                             is_builder=dist.get_rank() == 0, barrier=dist.barrier)

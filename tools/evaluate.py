@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", required=True,
                    help="consolidated dir (convert_checkpoint.py) or a TP1/PP1 --save dir (any DP/CP)")
     p.add_argument("--data-path", required=True, help="dataset prefix (.bin/.idx)")
-    p.add_argument("--split", default="969,30,1", help="same split as training; the test part is evaluated")
+    p.add_argument("--split", default=None, help="train/valid/test document split (default: the one the checkpoint "
+                                                 "was trained with, else 969,30,1); --split-part is evaluated")
     p.add_argument("--split-part", choices=("train", "valid", "test"), default="test")
     p.add_argument("--eval-seq-length", type=int, default=None, help="window length (default: model seq length)")
     p.add_argument("--stride", type=int, default=512, help="tokens scored per window")
@@ -80,21 +81,24 @@ def main(argv=None) -> dict:
     from megatron_ls.inference.checkpoint_io import load_gpt_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config, _ = load_gpt_model(args.load, device=device, dtype=torch.bfloat16 if args.bf16 else None)
+    model, config, metadata = load_gpt_model(args.load, device=device, dtype=torch.bfloat16 if args.bf16 else None)
+    split = args.split or metadata.get("args", {}).get("data", {}).get("split") or "969,30,1"
     window = args.eval_seq_length or config.seq_length
     if config.position_embedding_type == "learned" and window > config.max_position_embeddings:
-        raise ValueError(f"--eval-seq-length {window} exceeds the model's max position embeddings "
-                         f"{config.max_position_embeddings}")
-    tokens = split_token_stream(args.data_path, args.split, args.split_part)
+        raise ValueError(f"--eval-seq-length {window} exceeds the {config.max_position_embeddings} learned positions "
+                         f"of {args.load}; evaluate at most {config.max_position_embeddings} tokens per window, or "
+                         f"train with --position-embedding-type rope (or none) to evaluate longer windows")
+    tokens = split_token_stream(args.data_path, split, args.split_part)
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
     start = time.perf_counter()
     nll, count = sliding_nll(model, tokens, window, min(args.stride, window - 1), device)
     loss = nll / count
-    result = {"load": args.load, "data_path": args.data_path, "split_part": args.split_part, "tokens": count,
+    result = {"load": args.load, "data_path": args.data_path, "split": split, "split_part": args.split_part,
+              "tokens": count,
               "eval_seq_length": window, "stride": min(args.stride, window - 1), "loss_nats": loss,
               "bits_per_token": loss / math.log(2), "seconds": time.perf_counter() - start}
-    print(f" {args.split_part} tokens: {count} | window {window} stride {result['stride']} | "
+    print(f" {args.split_part} tokens: {count} (--split {split}) | window {window} stride {result['stride']} | "
           f"lm loss: {loss:.6E} | bits per token (byte-level: bits per character): {loss / math.log(2):.4f}")
     if args.json:
         with open(args.json, "w") as fh:
@@ -102,5 +106,16 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli() -> None:
+    """Command-line entry: known failures end in one line ``error: ...`` and exit status 1."""
+    from megatron_ls.checkpoint_files import CheckpointError
+    from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
+
+    try:
+        main()
+    except (ValueError, CheckpointError, InferenceCheckpointError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,8 +1,11 @@
 """Process start-up: accelerator selection, torch.distributed, model-parallel groups, seeds, shutdown."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -43,9 +46,15 @@ def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_p
     import deepspeed
     import torch.distributed as dist
 
-    # DeepSpeed keeps its own communication handle; let it adopt the process group we just made.
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
-                               dist_init_required=False)
+    # DeepSpeed keeps its own communication handle; let it adopt the process group we just made. Lines every
+    # rank would print the same (DeepSpeed's op-build line, library warnings) come from rank 0 only.
+    quiet = dist.get_rank() != 0
+    if quiet:
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                                   dist_init_required=False)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size,
                                      context_parallel_size)
