@@ -17,6 +17,8 @@ import dataclasses
 import sys
 import time
 
+import numpy as np
+
 from megatron_ls.arguments import Arguments, _add_field, parse_args
 from megatron_ls.config import ConfigError, TransformerConfig
 from megatron_ls.model.vit_config import ImageDataConfig, VisionConfig, vision_config_to_dict
@@ -35,6 +37,9 @@ def vision_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             _add_field(group, f, dest=f"vision.{f.name}")
+    parser.add_argument("--dry-run", dest="extra.dry_run", action="store_true",
+                        help="Check every flag, build the model in this one process and run one batch forward and "
+                             "backward (random images if --data-path does not exist), then exit. No DeepSpeed.")
     parser.add_argument("--results-json", dest="extra.results_json", default=None,
                         help="Write the run summary (losses, validation/test accuracy, wall time) here (rank 0).")
 
@@ -154,6 +159,8 @@ def main(argv=None) -> dict:
                       extra_args_provider=vision_args, defaults=VISION_DEFAULTS)
     vision, data = vision_configs(args)
     check_vision_arguments(args, vision)
+    if args.extra.dry_run:
+        return dry_run(args, vision, data)
     if args.checkpoint.load:
         check_resume(args, vision)
     from megatron_ls.training.pretrain import pretrain
@@ -165,6 +172,30 @@ def main(argv=None) -> dict:
     if args.extra.results_json:
         write_results(args, summary)
     return summary
+
+
+def dry_run(args: Arguments, vision: VisionConfig, data: ImageDataConfig) -> dict:
+    """Validate a recipe without its data or cluster: flags, DeepSpeed config, model, one micro-batch."""
+    import torch
+
+    from megatron_ls.arguments import build_deepspeed_config
+    from megatron_ls.inference.vit_checkpoint import build_vision_model
+
+    from megatron_ls.parallel.launch_env import launcher_world_size
+
+    dp = args.parallel.data_parallel_size(launcher_world_size())  # WORLD_SIZE emulates the cluster
+    ds_config = build_deepspeed_config(args, dp)
+    model = build_vision_model(args.model, vision)
+    train_tf, _ = image_transforms(vision, data)
+    images = torch.randint(0, 256, (1, vision.num_channels, vision.img_h + 7, vision.img_w + 5), dtype=torch.uint8)
+    batch = torch.stack([train_tf(img.numpy(), np.random.default_rng(i)) for i, img in enumerate(images)])
+    loss = model(batch, torch.zeros(len(batch), dtype=torch.long)).mean()
+    loss.backward()
+    params = sum(p.numel() for p in model.parameters())
+    print(f" dry run: {type(model).__name__} {params / 1e6:.2f}M parameters, batch {tuple(batch.shape)}, loss "
+          f"{loss.item():.4f}, DeepSpeed train_batch_size {ds_config['train_batch_size']} (DP={dp}), ZeRO "
+          f"{ds_config.get('zero_optimization', {}).get('stage')}", flush=True)
+    return {"parameters": params, "loss": loss.item(), "ds_config": ds_config}
 
 
 def write_results(args: Arguments, summary: dict) -> None:

@@ -73,7 +73,8 @@ def grid_offset_index(gh: int, gw: int) -> torch.Tensor:
 
 
 class RelativePositionBias(nn.Module):
-    """Learnable per-head bias on window keys (LS layer) or on every token pair (full layer)."""
+    """Learnable per-head bias on window keys (LS layer) or on every token pair (full layer); ``num_heads`` is
+    the model's (a TP rank keeps its heads' columns)."""
 
     def __init__(self, num_heads: int, *, grid: tuple[int, int], cls_tokens: int, window: int = 0,
                  extension: int = 0, full: bool) -> None:
@@ -139,7 +140,7 @@ class VisionSelfAttention(nn.Module):
                 self.global_norm = dual_ln(scope, self.num_heads, self.head_dim, eps)
         self.relative_position = None
         if relative_position_bias and (self.full or self.window > 0):
-            self.relative_position = RelativePositionBias(self.num_heads, grid=self.grid, cls_tokens=cls_tokens,
+            self.relative_position = RelativePositionBias(config.num_attention_heads, grid=self.grid, cls_tokens=cls_tokens,
                                                           window=self.window, extension=self.extension,
                                                           full=self.full)
 

@@ -97,11 +97,13 @@ def _pipeline_stats(engine: Any, batches: Iterator[dict], steps: int, accum: int
     total = torch.zeros(len(STATS), dtype=torch.float64, device=engine.device)
     try:
         for _ in range(steps):
+            engine.total_loss = None  # the engine sums eval outputs into the last training loss otherwise
             out = engine.eval_batch(data_iter=feed, bcast_loss=False)
             if engine.is_last_stage():  # the engine averaged over micro-batches and data-parallel ranks
                 total += out.to(total.device, torch.float64) * accum * engine.dp_world_size
     finally:
         module.loss_fn = saved
+        engine.total_loss = None
     last = engine.grid.stage_to_global(stage_id=engine.num_stages - 1)
     dist.broadcast(total, src=last, group=engine.grid.get_pipe_parallel_group())
     return total
