@@ -35,3 +35,15 @@ elif mpi_works || { "$PY" -m pip install -q --prefer-binary --only-binary openmp
 else
   echo "warning: mpi4py/MPI could not be installed (pip install -r requirements-mpi.txt failed or MPI does not load); mpirun launches will not work and their tests will be skipped" >&2
 fi
+
+# Fashion-MNIST for the vision example and tests, from Debian (offline IDX files under /usr/share/datasets).
+# Best effort: without it the example says how to get it and the test that reads it skips with the reason.
+if [[ ! -d /usr/share/datasets/fashion-mnist && "${MEGATRON_LS_FASHION_MNIST:-1}" != 0 ]] && command -v apt-get >/dev/null \
+    && [[ "$(id -u)" == 0 ]]; then
+  if timeout 300 apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || { timeout 300 apt-get update -qq >/dev/null 2>&1 && timeout 300 apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; then
+    echo "installed: dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"
+  else
+    echo "warning: apt-get could not install dataset-fashion-mnist; the Fashion-MNIST test will be skipped" >&2
+  fi
+fi
