@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -39,14 +39,36 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def durable_torch_save(obj: Any, path: str, zipfile: bool = True) -> None:
-    """``torch.save`` through a Python file, flushed and fsynced.
+class _RecordingWriter:
+    """A file wrapper that remembers the ``OSError`` of a failed write (torch's zip writer replaces it with
+    "unexpected pos ..."); it has no ``fileno``, so torch writes every byte through it."""
 
-    Writing through a Python file object makes a full disk or a permission problem surface as an ``OSError``
-    with its errno (torch's own path writer reports only "unexpected pos ...").
-    """
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def durable_torch_save(obj: Any, path: str, zipfile: bool = True) -> None:
+    """``torch.save`` through a Python file, flushed and fsynced; a full disk or a permission problem raises
+    the ``OSError`` with its errno (torch alone reports "unexpected pos ..." or "write(): fd N failed")."""
     with open(path, "wb") as fh:
-        torch.save(obj, fh, _use_new_zipfile_serialization=zipfile)
+        writer = _RecordingWriter(fh)
+        try:
+            torch.save(obj, writer, _use_new_zipfile_serialization=zipfile)
+        except Exception as exc:
+            if writer.error is not None:
+                raise writer.error from exc
+            raise
         fh.flush()
         os.fsync(fh.fileno())
 
