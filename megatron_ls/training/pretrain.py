@@ -100,6 +100,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(" warning: --sequence-parallel needs --tensor-model-parallel-size > 1; running without it "
                      "(as Megatron-LM does)")
     model = model_provider(args.model, pipeline)
+    if args.model.sequence_parallel and not any(getattr(m, "sequence_parallel", False) for m in model.modules()):
+        raise ConfigError("--sequence-parallel is not supported by this model (GPT-LS only); drop the flag")
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
