@@ -27,7 +27,8 @@ def datasets_provider(args: Arguments, num_samples: tuple):
     """Tokenizer (sets the padded vocab size) and the train/valid/test GPT datasets."""
     import torch.distributed as dist
 
-    from megatron_ls.data.gpt_dataset import build_gpt_datasets
+    from megatron_ls.data.blend_config import parse_data_path
+    from megatron_ls.data.dataset_builder import build_gpt_datasets
     from megatron_ls.data.split_parts import empty_eval_parts
     from megatron_ls.data.tokenizers import build_tokenizer
     from megatron_ls.training.checkpoint_vocab import checkpoint_padded_vocab
@@ -49,10 +50,15 @@ def datasets_provider(args: Arguments, num_samples: tuple):
         if say:
             say(f" warning: {reason}")
     num_samples = tuple(0 if s in empty else n for s, n in enumerate(num_samples))
+    per_split = (d.train_data_path, d.valid_data_path, d.test_data_path)
     train, valid, test = build_gpt_datasets(d.data_path, d.split, args.model.seq_length, num_samples,
                                             seed=args.model.seed, cache_dir=d.data_cache_path,
-                                            is_builder=dist.get_rank() == 0, barrier=dist.barrier)
-    check_dataset_vocabulary(d.data_path, tokenizer.vocab_size, f"--tokenizer-type {d.tokenizer_type}",
+                                            is_builder=dist.get_rank() == 0, barrier=dist.barrier,
+                                            eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
+                                            per_split_data_paths=None if d.data_path else per_split,
+                                            mid_level_dataset_surplus=d.mid_level_dataset_surplus)
+    prefixes = d.data_path or [p for paths in per_split if paths for p in parse_data_path(paths)[0]]
+    check_dataset_vocabulary(prefixes, tokenizer.vocab_size, f"--tokenizer-type {d.tokenizer_type}",
                              d.data_cache_path)
     return train, valid, test, tokenizer.is_byte_level
 

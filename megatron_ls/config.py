@@ -350,8 +350,16 @@ class DataConfig:
 
     data_path: list = _f([], "Dataset prefix(es), optionally weighted: 'PREFIX' or 'W1 P1 W2 P2 ...'.",
                          nargs="*", type=str)
-    split: str = _f("969,30,1", "Train/valid/test split proportions, by documents.")
+    split: str = _f("969,30,1", "Train/valid/test split proportions, by sequences (as Megatron-LM).")
+    train_data_path: list = _f([], "Train blend of its own (Megatron's per-split paths; not with --data-path).",
+                               nargs="*", type=str)
+    valid_data_path: list = _f([], "Validation blend of its own (not with --data-path).", nargs="*", type=str)
+    test_data_path: list = _f([], "Test blend of its own (not with --data-path).", nargs="*", type=str)
     data_cache_path: Optional[str] = _f(None, "Where index caches are written (default next to the data).")
+    mid_level_dataset_surplus: float = _f(0.005, "Extra share of samples each blended dataset is built with.")
+    eod_mask_loss: bool = _f(False, "No loss where the input token is the end-of-document token.")
+    reset_position_ids: bool = _f(False, "Megatron's position reset at EOD: not supported by GPT-LS (refused).")
+    reset_attention_mask: bool = _f(False, "Megatron's per-document attention: not supported by GPT-LS (refused).")
     tokenizer_type: str = _f("ByteTokenizer", "Tokenizer.",
                              choices=("ByteTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
                                       "NullTokenizer"))
@@ -364,8 +372,18 @@ class DataConfig:
 
     def validate(self, require_data: bool = True) -> None:
         problems = []
-        if require_data and not self.data_path:
+        per_split = self.train_data_path or self.valid_data_path or self.test_data_path
+        if require_data and not self.data_path and not per_split:
             problems.append("--data-path is required (a dataset prefix built by tools/preprocess_data.py)")
+        if self.data_path and per_split:
+            problems.append("--data-path and --train/valid/test-data-path cannot be used together (Megatron-LM)")
+        for flag, on in (("--reset-position-ids", self.reset_position_ids),
+                         ("--reset-attention-mask", self.reset_attention_mask)):
+            if on:
+                problems.append(f"{flag} is not supported: GPT-LS takes tokens only (no position ids or attention "
+                                "mask input; see docs/data.md)")
+        if self.mid_level_dataset_surplus < 0:
+            problems.append(f"--mid-level-dataset-surplus must be >= 0, got {self.mid_level_dataset_surplus}")
         parts = self.split.replace("/", ",").split(",")
         try:
             values = [float(p) for p in parts]

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from megatron_ls.data.atomic import atomic_write_text  # noqa: E402
-from megatron_ls.data.gpt_dataset import build_gpt_datasets  # noqa: E402
+from megatron_ls.data.dataset_builder import build_gpt_datasets  # noqa: E402
 from megatron_ls.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from megatron_ls.data.preprocess import main as preprocess_main  # noqa: E402
 from megatron_ls.data.sample_corpus import collect_documents  # noqa: E402

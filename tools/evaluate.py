@@ -37,17 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def split_token_stream(data_path: str, split: str, part: str) -> np.ndarray:
-    """Concatenated tokens of the documents in one split part (same document split as training)."""
-    from megatron_ls.data.gpt_dataset import parse_split, split_document_ranges
+    """Concatenated tokens of the sequences in one split part (the sequence split training uses, Megatron's)."""
+    from megatron_ls.data.blend_config import parse_split, split_ranges
     from megatron_ls.data.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(data_path)
-    num_docs = len(ds.document_indices) - 1
-    start, end = split_document_ranges(num_docs, parse_split(split))[("train", "valid", "test").index(part)]
-    if end <= start:
+    bounds = split_ranges(len(ds), parse_split(split))[("train", "valid", "test").index(part)]
+    if bounds is None or bounds[1] <= bounds[0]:
         raise ValueError(f"--split {split}: the {part} part of {data_path} has no documents")
-    first, last = int(ds.document_indices[start]), int(ds.document_indices[end])
-    return np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(first, last)])
+    return np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(*bounds)])
 
 
 @torch.no_grad()

@@ -2,14 +2,10 @@
 
 Depends on nothing else in ``megatron_ls`` (see DESIGN.md).
 """
+from megatron_ls.data.blend_config import parse_data_path, parse_split, split_ranges
 from megatron_ls.data.blended_dataset import BlendedDataset, BlendedDatasetError, blending_indices
-from megatron_ls.data.gpt_dataset import (
-    GPTDataset,
-    GPTDatasetError,
-    build_gpt_datasets,
-    parse_data_path,
-    parse_split,
-)
+from megatron_ls.data.dataset_builder import build_gpt_datasets
+from megatron_ls.data.gpt_dataset import GPTDataset, GPTDatasetError
 from megatron_ls.data.index_cache import IndexCacheError
 from megatron_ls.data.indexed_dataset import (
     IndexedDataset,
@@ -51,4 +47,5 @@ __all__ = [
     "build_tokenizer",
     "parse_data_path",
     "parse_split",
+    "split_ranges",
 ]

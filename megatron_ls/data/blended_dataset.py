@@ -1,9 +1,9 @@
-"""Weighted blending of several datasets (``--data-path 0.7 a 0.3 b``) with a cached, deterministic order.
+"""Weighted blending of several datasets (``--data-path 0.7 a 0.3 b``) in Megatron-LM's order, cached.
 
-Interleaving rule: the ``k``-th sample taken from dataset ``d`` gets the key ``(k + 0.5) / w_d``; the
-blended order is all keys sorted (ties go to the lower dataset index) and cut after ``size`` entries.
-Every prefix of the blended stream therefore holds each dataset within one sample of its share
-``w_d * n`` (a Sainte-Laguë-style apportionment), so even short runs see the requested mix.
+Megatron's rule (``build_blending_indices``): sample ``i`` of the blend comes from the dataset with the
+largest shortfall ``w_d * max(i, 1) - taken_d`` (the first such dataset on a tie), and is that dataset's
+next unused sample. The comparison is done in float64 exactly as megatron-core does, so ties (common
+with round weights) fall the same way; the result equals megatron-core's arrays (tested).
 """
 from __future__ import annotations
 
@@ -14,47 +14,79 @@ import numpy as np
 
 from megatron_ls.data.index_cache import IndexCache
 
-__all__ = ["BlendedDataset", "BlendedDatasetError", "blending_indices"]
+__all__ = ["BlendedDataset", "BlendedDatasetError", "blending_indices", "normalize_weights"]
 
-_BLEND_VERSION = 1
+_BLEND_VERSION = 2
 
 
 class BlendedDatasetError(ValueError):
     """Inconsistent weights, sizes or parts for a blend."""
 
 
+def normalize_weights(weights: Sequence[float]) -> list[float]:
+    """Megatron's ``normalize``: float64 weights divided by their numpy sum (bit-identical rounding)."""
+    w = np.array(weights, dtype=np.float64)
+    return (w / np.sum(w)).tolist()
+
+
+def _greedy_choices(w: list[float], size: int) -> np.ndarray:
+    """Dataset chosen at each of ``size`` positions (the largest-shortfall rule, float64 as Megatron)."""
+    out = np.empty(size, dtype=np.int16)
+    taken = [0] * len(w)
+    if len(w) == 1:
+        out[:] = 0
+        return out
+    if len(w) == 2:  # the common case, unrolled
+        w0, w1 = w
+        c0 = c1 = 0
+        picks = bytearray(size)
+        for i in range(size):
+            t = float(i) if i > 1 else 1.0
+            if w1 * t - c1 > w0 * t - c0:
+                picks[i] = 1
+                c1 += 1
+            else:
+                c0 += 1
+        out[:] = np.frombuffer(picks, dtype=np.uint8)
+        return out
+    others = range(1, len(w))
+    w0 = w[0]
+    for i in range(size):
+        t = float(i) if i > 1 else 1.0
+        best, best_err = 0, w0 * t - taken[0]
+        for d in others:
+            err = w[d] * t - taken[d]
+            if err > best_err:
+                best, best_err = d, err
+        out[i] = best
+        taken[best] += 1
+    return out
+
+
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset_index, dataset_sample_index) of length ``size`` for normalised ``weights``."""
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or len(w) == 0 or np.any(~np.isfinite(w)) or np.any(w <= 0):
+    """``(dataset_index int16, dataset_sample_index int64)`` of length ``size`` for normalised ``weights``."""
+    w = [float(x) for x in weights]
+    if not w or any(not np.isfinite(x) or x <= 0 for x in w):
         raise BlendedDatasetError(f"blend weights must be positive numbers, got {list(weights)}")
-    if len(w) > np.iinfo(np.int16).max:
-        raise BlendedDatasetError(f"at most {np.iinfo(np.int16).max} datasets can be blended, got {len(w)}")
-    w = w / w.sum()
-    # Dataset d can never hold more than w_d * (size + D) + 1 of the first `size` keys (see module doc),
-    # so generating that many candidates per dataset makes the truncated merge exact.
-    limits = np.ceil(w * (size + len(w))).astype(np.int64) + 1
-    keys = np.concatenate([(np.arange(n, dtype=np.float64) + 0.5) / wd for n, wd in zip(limits, w)])
-    owner = np.repeat(np.arange(len(w), dtype=np.int16), limits)
-    local = np.concatenate([np.arange(n, dtype=np.int64) for n in limits])
-    # Stable sort on the key; candidates are laid out by dataset, so ties resolve to the lower index.
-    order = np.argsort(keys, kind="stable")[:size]
-    dataset_index = owner[order]
-    dataset_sample_index = local[order]
-    counts = np.bincount(dataset_index, minlength=len(w))
-    if np.any(counts >= limits):  # cannot happen by the bound above; guard against silent truncation
-        raise BlendedDatasetError("internal error: blend candidate list too short")
+    if len(w) >= np.iinfo(np.int16).max:
+        raise BlendedDatasetError(f"at most {np.iinfo(np.int16).max - 1} datasets can be blended, got {len(w)}")
+    dataset_index = _greedy_choices(w, int(size))
+    dataset_sample_index = np.empty(int(size), dtype=np.int64)
+    for d in range(len(w)):
+        where = np.flatnonzero(dataset_index == d)
+        dataset_sample_index[where] = np.arange(len(where), dtype=np.int64)
     return dataset_index, dataset_sample_index
 
 
 class BlendedDataset:
-    """``size`` samples drawn from ``parts`` in the cached blend order."""
+    """``size`` samples drawn from ``parts`` (built GPT datasets) in Megatron's blend order."""
 
-    def __init__(self, weights: Sequence[float], size: int, cache_dir: str, split_name: str,
-                 prefixes: Sequence[str]) -> None:
-        if len(weights) != len(prefixes):
-            raise BlendedDatasetError(f"{len(weights)} weights for {len(prefixes)} dataset prefixes")
-        self.weights = [float(x) for x in weights]
+    def __init__(self, parts: Sequence, weights: Sequence[float], size: int, cache_dir: str,
+                 split_name: str) -> None:
+        if len(weights) != len(parts):
+            raise BlendedDatasetError(f"{len(weights)} weights for {len(parts)} datasets")
+        self.parts = list(parts)
+        self.weights = normalize_weights(weights)  # Megatron normalises again here (bit-for-bit)
         self.size = int(size)
         self.split_name = split_name
         description = {
@@ -62,20 +94,25 @@ class BlendedDataset:
             "version": _BLEND_VERSION,
             "weights": self.weights,
             "size": self.size,
-            "prefixes": [os.path.basename(p) for p in prefixes],
+            "parts": [os.path.basename(p.cache.stem) for p in self.parts],
             "split": split_name,
         }
         self.cache = IndexCache(cache_dir, f"blend-{split_name}", description,
-                                ("dataset_index", "dataset_sample_index", "counts"))
-        self.parts: list | None = None
+                                ("dataset_index", "dataset_sample_index"))
+        self._loaded = False
 
     def _compute(self) -> dict[str, np.ndarray]:
         dataset_index, dataset_sample_index = blending_indices(self.weights, self.size)
-        counts = np.bincount(dataset_index, minlength=len(self.weights)).astype(np.int64)
-        return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index, "counts": counts}
+        counts = np.bincount(dataset_index, minlength=len(self.parts))
+        for d, part in enumerate(self.parts):
+            if counts[d] > len(part):
+                raise BlendedDatasetError(
+                    f"the {self.split_name} blend takes {counts[d]} samples from {part!r}, which has {len(part)}; "
+                    "raise --mid-level-dataset-surplus (Megatron's remedy)")
+        return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
 
     def _validate(self, arrays: dict) -> str | None:
-        if arrays["dataset_index"].shape != (self.size,) or arrays["counts"].shape != (len(self.weights),):
+        if arrays["dataset_index"].shape != (self.size,) or arrays["dataset_sample_index"].shape != (self.size,):
             return "blend index shapes do not match"
         return None
 
@@ -83,53 +120,41 @@ class BlendedDataset:
         """Build (or reuse) the cached blend order. True when it built it."""
         return self.cache.ensure(self._compute, self._validate)
 
-    def load_counts(self) -> np.ndarray:
-        """How many samples each part must provide (read from the cache)."""
+    def load_index(self) -> None:
+        """Memory-map the blend order."""
         arrays = self.cache.load()
         problem = self._validate(arrays)
         if problem is not None:
             raise BlendedDatasetError(f"index cache {self.cache.stem}: {problem}")
-        return np.asarray(arrays["counts"])
-
-    def load_index(self, parts: Sequence) -> None:
-        """Memory-map the blend order and attach the part datasets (None for unused parts)."""
-        arrays = self.cache.load()
-        counts = np.asarray(arrays["counts"])
-        for d, part in enumerate(parts):
-            have = 0 if part is None else len(part)
-            if have < counts[d]:
-                raise BlendedDatasetError(
-                    f"blend part {d} has {have} samples but the {self.split_name} blend needs {counts[d]}"
-                )
-        self._dataset_index = arrays["dataset_index"]
-        self._dataset_sample_index = arrays["dataset_sample_index"]
-        self.parts = list(parts)
+        self.dataset_index = arrays["dataset_index"]
+        self.dataset_sample_index = arrays["dataset_sample_index"]
+        self._loaded = True
 
     # Pickling sends the parts (which pickle small) and reloads the blend order from the cache.
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_dataset_index", "_dataset_sample_index")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("dataset_index", "dataset_sample_index")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.parts is not None:
-            self.load_index(self.parts)
+        if self._loaded:
+            self.load_index()
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, idx: int):
-        if self.parts is None:
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        if not self._loaded:
             raise BlendedDatasetError("BlendedDataset used before load_index()")
         i = int(idx)
         if i < 0:
             i += self.size
         if not 0 <= i < self.size:
             raise IndexError(f"sample {idx} out of range ({self.size} samples in the {self.split_name} blend)")
-        return self.parts[int(self._dataset_index[i])][int(self._dataset_sample_index[i])]
+        return self.parts[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
 
     def dataset_of(self, idx: int) -> int:
         """Which part sample ``idx`` comes from."""
-        return int(self._dataset_index[idx])
+        return int(self.dataset_index[idx])
 
     def __repr__(self) -> str:
         return f"BlendedDataset(split={self.split_name}, size={self.size}, weights={self.weights})"

@@ -8,32 +8,24 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 from megatron_ls.data.indexed_dataset import IndexedDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 
 
-def _bounds(count: int, fractions: Sequence[float]) -> list[int]:
-    bounds = [0] + [int(round(c * count)) for c in np.cumsum(fractions)]
-    bounds[-1] = count
-    return bounds
-
-
 def empty_eval_parts(data_path: Sequence[str], split: str) -> dict[int, str]:
     """``{split index: reason}`` for each validation/test part with a positive share but no sequence of some
     ``--data-path`` prefix (split by sequences, as megatron-core does; one per document after preprocessing)."""
-    from megatron_ls.data import parse_data_path, parse_split
+    from megatron_ls.data.blend_config import parse_data_path, parse_split, split_ranges
 
     prefixes, _ = parse_data_path(list(data_path))
     fractions = parse_split(split)
     empty: dict[int, str] = {}
     for prefix in prefixes:
         count = len(IndexedDataset(prefix))
-        bounds = _bounds(count, fractions)
+        ranges = split_ranges(count, fractions)
         for s in (1, 2):
-            if fractions[s] > 0 and bounds[s + 1] <= bounds[s] and s not in empty:
+            if ranges[s] is not None and ranges[s][1] <= ranges[s][0] and s not in empty:
                 empty[s] = (f"--split {split}: the {SPLIT_NAMES[s]} part gets 0 of the {count} documents of "
                             f"{prefix}: no {SPLIT_NAMES[s]} evaluation (as in Megatron-LM; give it a larger share "
                             f"to have one)")

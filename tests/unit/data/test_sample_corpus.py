@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_ls.data.gpt_dataset import build_gpt_datasets
+from megatron_ls.data.dataset_builder import build_gpt_datasets
 from megatron_ls.data.indexed_dataset import IndexedDataset
 from megatron_ls.data.sample_corpus import collect_documents, main
 
@@ -41,6 +41,6 @@ def test_prepare_writes_jsonl_and_byte_level_dataset(prepared, capsys):
 def test_default_split_trains(prepared, tmp_path):
     _, prefix = prepared
     train, valid, test = build_gpt_datasets([prefix], "949,50,1", 512, (64, 8, 8), 1234, cache_dir=str(tmp_path))
-    assert len(train) == 64 and len(valid) == 8 and len(test) == 8
+    assert len(train) >= 64 and len(valid) >= 8 and len(test) >= 8  # every sample of one epoch (Megatron)
     text = bytes(t for t in train[0]["tokens"].tolist() if t < 256).decode("utf-8", errors="replace")
     assert sum(c.isalpha() for c in text) > 200  # prose, not noise
