@@ -150,12 +150,11 @@ def test_cp2_dp2_zero_stages_and_checkpoint_moving_to_cp1(corpus_prefix, referen
     zero2 = _run(4, corpus_prefix, "--context-parallel-size", "2", "--zero-stage", "2", "--save", str(ckpt),
                  "--exit-interval", "2")
     _assert_close(zero2, reference, "DP2 x CP2 ZeRO-2")
-    # ZeRO-2 optimizer state is partitioned over the 4 replicas; one process cannot take it, and says so.
-    refused = run_cli(_cmd(1, corpus_prefix, "--zero-stage", "2", "--load", str(ckpt)), check=False, timeout=300)
-    assert refused.returncode != 0 and "--no-load-optim" in refused.stderr
-    assert "DP=2 x CP=2 = 4 replicas" in refused.stderr, refused.stderr
-    weights = _run(1, corpus_prefix, "--zero-stage", "2", "--load", str(ckpt), "--no-load-optim")
-    assert sorted(k[1] for k in weights if k[0] == "train") == [3, 4]
+    # ZeRO-2 optimizer state is partitioned over the 4 replicas; one process re-partitions it on load
+    # (training/elastic.py) and continues the uninterrupted run.
+    resumed = _run(1, corpus_prefix, "--zero-stage", "2", "--load", str(ckpt))
+    assert sorted(k[1] for k in resumed if k[0] == "train") == [3, 4]
+    _assert_close(resumed, reference, "DP2 x CP2 ZeRO-2 continued by one process")
 
 
 @pytest.mark.slow
