@@ -24,6 +24,10 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+# Megatron-LM's --attention-backend values: its fused kernels map to the fastest here, its reference ones to torch.
+MEGATRON_ATTENTION_BACKENDS = {"flash": "auto", "fused": "auto", "unfused": "torch", "local": "torch"}
+
+
 @dataclass
 class TransformerConfig:
     """Model shape and the Long-Short attention method (Transformer-LS / MASFormer)."""
@@ -60,7 +64,9 @@ class TransformerConfig:
                                          "the released code) or the raw ones; causal layers always project raw.",
                                choices=("normed", "raw"))
     causal: bool = _f(True, "Autoregressive attention (GPT-LS); ViT-LS sets it False.", cli=False)
-    attention_backend: str = _f("auto", "Long-short attention kernel.", choices=("auto", "torch", "flex"))
+    attention_backend: str = _f("auto", "Long-short attention kernel (Megatron-LM's flash/fused mean auto, "
+                                        "unfused/local mean torch).",
+                                choices=("auto", "torch", "flex", "flash", "fused", "unfused", "local"))
     use_flash_attn: bool = _f(False, "Megatron's flag: the fastest attention kernels of this device (= "
                                      "--attention-backend auto: FlexAttention for LS layers and SDPA's flash kernel "
                                      "for full layers on CUDA; the blockwise torch kernel on CPU).")
@@ -85,6 +91,7 @@ class TransformerConfig:
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         self.full_attention_layers = tuple(int(i) for i in self.full_attention_layers)
+        self.attention_backend = MEGATRON_ATTENTION_BACKENDS.get(self.attention_backend, self.attention_backend)
         if self.recompute_activations and self.recompute_granularity is None:
             self.recompute_granularity = "full"
 

@@ -127,6 +127,8 @@ def test_megatron_flags_map_onto_ours():
     assert a.model.recomputed_layer_groups(4) == [(0, 1, True), (1, 4, False)]
     a = parse_args(BASE + ["--use-flash-attn"], world_size=1)
     assert a.model.use_flash_attn and a.model.attention_backend == "auto"
+    for megatron, ours in (("flash", "auto"), ("fused", "auto"), ("unfused", "torch"), ("local", "torch")):
+        assert parse_args(BASE + ["--attention-backend", megatron], world_size=1).model.attention_backend == ours
     a = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                            "--sequence-parallel"], world_size=4)
     assert a.parallel.sequence_parallel
