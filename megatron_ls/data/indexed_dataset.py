@@ -376,21 +376,32 @@ class IndexedDatasetBuilder:
         self._lengths.extend(lengths)
         self.end_document()
 
-    def add_raw_documents(self, data: bytes, doc_lengths: Sequence[int]) -> None:
-        """Append documents of one sequence each from already-encoded ``data`` (in this builder's dtype).
+    def add_raw_documents(self, data: bytes, doc_lengths: Sequence[int],
+                          sequences_per_document: Sequence[int] | None = None) -> None:
+        """Append documents from already-encoded ``data`` (in this builder's dtype).
 
-        A zero length adds an empty document (no sequence), as Megatron does for empty text. Used by the
-        preprocessor, whose workers encode straight to bytes to keep inter-process traffic cheap.
+        Without ``sequences_per_document`` each document is one sequence of ``doc_lengths[i]`` tokens and a zero
+        length adds an empty document (no sequence), as Megatron does for empty text. With it, ``doc_lengths``
+        are sequence lengths and document ``i`` is the next ``sequences_per_document[i]`` of them (0: empty).
+        Used by the preprocessor, whose workers encode straight to bytes to keep inter-process traffic cheap.
         """
         if len(data) != sum(doc_lengths) * self.dtype.itemsize:
             raise IndexedDatasetError(
                 f"{self.bin_path}: add_raw_documents got {len(data)} bytes for lengths summing to {sum(doc_lengths)}"
             )
+        if sequences_per_document is not None and sum(sequences_per_document) != len(doc_lengths):
+            raise IndexedDatasetError(f"{self.bin_path}: add_raw_documents got {len(doc_lengths)} sequences but "
+                                      f"documents of {sum(sequences_per_document)}")
         self._file.write(data)
-        for n in doc_lengths:
-            if n:
-                self._lengths.append(int(n))
-            self._doc_idx.append(len(self._lengths))
+        if sequences_per_document is None:
+            for n in doc_lengths:
+                if n:
+                    self._lengths.append(int(n))
+                self._doc_idx.append(len(self._lengths))
+            return
+        self._lengths.extend(int(n) for n in doc_lengths)
+        ends = np.cumsum(sequences_per_document, dtype=np.int64) + (len(self._lengths) - len(doc_lengths))
+        self._doc_idx.extend(ends.tolist())
 
     def end_document(self) -> None:
         """Mark the end of a document (records the current sequence count)."""

@@ -50,8 +50,10 @@ def iter_line_batches(path: str, batch_bytes: int = 1 << 20, batch_lines: int = 
         yield start, batch
 
 
-def parse_document(line: bytes, keys: Sequence[str], path: str, lineno: int) -> dict[str, str] | None:
-    """The ``keys`` of one JSONL line as strings; None for a blank line. Raises ``JsonlError`` naming the line."""
+def parse_document(line: bytes, keys: Sequence[str], path: str,
+                   lineno: int) -> dict[str, str | list[str]] | None:
+    """The ``keys`` of one JSONL line: a string, or a list of strings (one sequence each, as Megatron-LM
+    accepts); None for a blank line. Raises ``JsonlError`` naming the line."""
     if not line.strip():
         return None
     try:
@@ -68,7 +70,13 @@ def parse_document(line: bytes, keys: Sequence[str], path: str, lineno: int) -> 
             have = ", ".join(sorted(obj)[:10]) or "none"
             raise JsonlError(f"{path}:{lineno}: no key {key!r} (keys present: {have}); check --json-keys")
         value = obj[key]
-        if not isinstance(value, str):
-            raise JsonlError(f"{path}:{lineno}: key {key!r} is {type(value).__name__}, expected a string")
+        if isinstance(value, list):
+            bad = next((v for v in value if not isinstance(v, str)), None)
+            if bad is not None:
+                raise JsonlError(f"{path}:{lineno}: key {key!r} is a list holding a {type(bad).__name__}, "
+                                 "expected strings")
+        elif not isinstance(value, str):
+            raise JsonlError(f"{path}:{lineno}: key {key!r} is {type(value).__name__}, expected a string or a list "
+                             "of strings")
         out[key] = value
     return out

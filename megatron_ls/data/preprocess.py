@@ -1,8 +1,8 @@
 """JSONL -> Megatron ``.bin/.idx`` (``tools/preprocess_data.py``), with Megatron's flags.
 
-One output pair per JSON key: ``{output_prefix}_{key}_document.{bin,idx}``, one document (= one
-sequence) per input line. Work is split into ~1 MB batches of lines; ``--workers N`` tokenizes them in
-``N`` processes (results come back in input order, already encoded to bytes). Outputs are written to
+One output pair per JSON key: ``{output_prefix}_{key}_document.{bin,idx}``, one document per input line: a
+string is one sequence, a list of strings one sequence per non-empty item (Megatron-LM's pre-split sentences).
+Work is split into ~1 MB batches of lines; ``--workers N`` tokenizes them in ``N`` processes (results come back in input order, already encoded to bytes). Outputs are written to
 temporary names and renamed only after the whole input succeeded.
 """
 from __future__ import annotations
@@ -118,27 +118,30 @@ class _Encoder:
         self.dtype = _choose_dtype(args, self.tokenizer.vocab_size)
         self.byte_level = isinstance(self.tokenizer, ByteTokenizer)
 
-    def _encode_one(self, text: str) -> np.ndarray:
-        eod = self.args.append_eod and len(text) > 0
+    def _ids(self, text: str) -> np.ndarray:
         if self.byte_level:  # fast path: the UTF-8 bytes are the ids
-            raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-            out = np.empty(raw.size + eod, dtype=self.dtype)
-            out[: raw.size] = raw
-        else:
-            ids = self.tokenizer.tokenize(text)
-            out = np.empty(len(ids) + (eod and len(ids) > 0), dtype=self.dtype)
-            out[: len(ids)] = ids
-            eod = eod and len(ids) > 0
-        if eod:
-            out[-1] = self.tokenizer.eod
-        return out
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        return np.asarray(self.tokenizer.tokenize(text), dtype=np.int64)
+
+    def _encode_one(self, text: str | list[str]) -> list[np.ndarray]:
+        """One document's sequences (Megatron: empty ones dropped, EOD appended to the last one)."""
+        parts = [ids for ids in (self._ids(t) for t in ([text] if isinstance(text, str) else text)) if ids.size]
+        seqs = []
+        for j, ids in enumerate(parts):
+            eod = self.args.append_eod and j == len(parts) - 1
+            out = np.empty(ids.size + eod, dtype=self.dtype)
+            out[: ids.size] = ids
+            if eod:
+                out[-1] = self.tokenizer.eod
+            seqs.append(out)
+        return seqs
 
     def encode_batch(self, batch: tuple[int, list[bytes]]):
-        """Returns ``(error or None, documents, input bytes, {key: (bytes, doc lengths)})``."""
+        """Returns ``(error or None, documents, input bytes, {key: (bytes, sequence lengths, sequences per doc)})``."""
         start, lines = batch
         keys = self.args.json_keys
         chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-        lengths: dict[str, list[int]] = {k: [] for k in keys}
+        counts: dict[str, list[int]] = {k: [] for k in keys}
         docs = 0
         nbytes = 0
         for i, line in enumerate(lines):
@@ -148,9 +151,9 @@ class _Encoder:
                 if doc is None:
                     continue
                 for k in keys:
-                    arr = self._encode_one(doc[k])
-                    chunks[k].append(arr)
-                    lengths[k].append(arr.size)
+                    seqs = self._encode_one(doc[k])
+                    chunks[k] += seqs
+                    counts[k].append(len(seqs))
             except (JsonlError, TokenizerError) as exc:
                 msg = str(exc) if isinstance(exc, JsonlError) else f"{self.args.input}:{start + i}: {exc}"
                 return msg, docs, nbytes, None
@@ -158,7 +161,7 @@ class _Encoder:
         out = {}
         for k in keys:
             data = np.concatenate(chunks[k]).tobytes() if chunks[k] else b""
-            out[k] = (data, lengths[k])
+            out[k] = (data, [a.size for a in chunks[k]], counts[k])
         return None, docs, nbytes, out
 
 
@@ -213,8 +216,8 @@ def run(args: argparse.Namespace) -> PreprocessSummary:
         for error, docs, nbytes, out in results:
             if error is not None:
                 raise PreprocessError(error)
-            for k, (data, lengths) in out.items():
-                builders[k].add_raw_documents(data, lengths)
+            for k, (data, lengths, per_doc) in out.items():
+                builders[k].add_raw_documents(data, lengths, per_doc)
                 summary.tokens[k] += len(data) // encoder.dtype.itemsize
             summary.documents += docs
             summary.input_bytes += nbytes

@@ -95,12 +95,26 @@ def test_other_tokenizers(tmp_path, kind, gpt2_files, spm_model):
         assert tok.detokenize(ids[:-1]) == (d["text"] if kind != "sentencepiece" else tok.detokenize(want))
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_text_lists_are_multi_sequence_documents(tmp_path, workers):
+    """Megatron-LM's rule: one sequence per non-empty item, EOD on the document's last sequence."""
+    docs = [{"text": ["Hello ", "", "world"]}, {"text": []}, {"text": ["", ""]}, {"text": "plain"}, {"text": ["x"]}]
+    _, prefix = run(tmp_path, "--tokenizer-type", "ByteTokenizer", "--append-eod", "--workers", workers,
+                    input_path=write_jsonl(tmp_path / "lists.jsonl", docs * 700))
+    ds = IndexedDataset(prefix + "_text_document")
+    want_seqs = [list(b"Hello "), list(b"world") + [256], list(b"plain") + [256], list(b"x") + [256]]
+    assert [ds[i].tolist() for i in range(4)] == want_seqs and len(ds) == 4 * 700
+    np.testing.assert_array_equal(ds.document_indices[:6], [0, 2, 2, 2, 3, 4])  # [] and ["", ""]: empty documents
+    assert ds.num_documents == 5 * 700
+
+
 @pytest.mark.parametrize(
     "bad_line, message",
     [
         ("{not json}", "not valid JSON"),
         ('{"body": "x"}', r"no key 'text' \(keys present: body\)"),
         ('{"text": 5}', "key 'text' is int, expected a string"),
+        ('{"text": ["a", 5]}', "key 'text' is a list holding a int, expected strings"),
         ('["text"]', "expected a JSON object, got list"),
         (b'{"text": "\xff\xfe"}', "not UTF-8"),
     ],
