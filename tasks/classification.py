@@ -51,6 +51,9 @@ def check_task_arguments(args: Arguments) -> None:
     if p.pipeline_model_parallel_size > 1:
         problems.append("--pipeline-model-parallel-size > 1 is not supported for sequence classification (the "
                         "pooled vector and the head are not cut into pipeline stages); use TP and DP")
+    if getattr(p, "sequence_parallel", False):
+        problems.append("--sequence-parallel is not supported for sequence classification (the post-CLS layer "
+                        "and the pooling read whole sequences)")
     if p.context_parallel_size > 1:
         problems.append("--context-parallel-size > 1 is not supported for sequence classification (pooling needs "
                         "the whole sequence on one rank)")

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="generated here when missing")
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--min-distance", type=int, default=128)
+    p.add_argument("--mode", choices=("needle", "pair"), default="needle",
+                   help="needle: one far token names the label (one hop); pair: far marker + value (two hops)")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=64)
@@ -62,12 +64,13 @@ def ensure_data(args: argparse.Namespace) -> None:
     if os.path.isfile(args.data_prefix + "_meta.json"):
         meta = json.load(open(args.data_prefix + "_meta.json"))
         gen = meta.get("generator", {})
-        if (gen.get("length"), gen.get("min_distance"), meta["splits"].get("train")) == (
-                args.length, args.min_distance, args.train_samples):
+        if (gen.get("length"), gen.get("min_distance"), gen.get("mode"), meta["splits"].get("train")) == (
+                args.length, args.min_distance, args.mode, args.train_samples):
             return
     subprocess.run([sys.executable, "tools/generate_task_data.py", "--task", "FAR_RECALL", "--output-prefix",
                     args.data_prefix, "--length", str(args.length), "--min-distance", str(args.min_distance),
-                    "--train-samples", str(args.train_samples), "--seed", str(args.seed), "--no-jsonl"],
+                    "--train-samples", str(args.train_samples), "--seed", str(args.seed), "--mode", args.mode,
+                    "--no-jsonl"],
                    cwd=REPO, check=True)
 
 
@@ -104,7 +107,7 @@ def main(argv=None) -> None:
     os.makedirs(args.work_dir, exist_ok=True)
     ensure_data(args)
     field = window_receptive_field(args.window_size, args.num_layers)
-    print(f"FAR_RECALL: length {args.length}, marker at >= {args.min_distance} tokens from the CLS token; "
+    print(f"FAR_RECALL ({args.mode}): length {args.length}, label at >= {args.min_distance} tokens from the CLS token; "
           f"window-only receptive field of the CLS token: {field} positions; chance 10%", flush=True)
     rows = []
     for name in args.variants:

@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     fr.add_argument("--min-distance", type=int, default=128)
     fr.add_argument("--num-symbols", type=int, default=32)
     fr.add_argument("--num-classes", type=int, default=10)
+    fr.add_argument("--mode", choices=far_recall.MODES, default="needle",
+                    help="needle: one far needle token names the label; pair: a far marker + value (two hops)")
     args = parser.parse_args(argv)
     big = args.task == "LISTOPS"
     for name, default in (("train_samples", 96000 if big else 20000), ("valid_samples", 2000 if big else 1000),
@@ -80,7 +82,8 @@ def main(argv=None) -> None:
                      "closing_brackets": not args.no_closing_brackets, "split_order": list(SPLIT_ORDER)}
     else:
         config = far_recall.FarRecallConfig(length=args.length, min_distance=args.min_distance,
-                                            num_symbols=args.num_symbols, num_classes=args.num_classes)
+                                            num_symbols=args.num_symbols, num_classes=args.num_classes,
+                                            mode=args.mode)
         config.validate()
         vocab, num_classes = far_recall.vocab(config), config.num_classes
         splits = ((split, ((ids, label, None) for ids, label in

@@ -135,18 +135,29 @@ def test_config_errors_are_clear():
         listops.encode(["[MAX", "x"])
 
 
-def test_far_recall_examples():
-    cfg = far_recall.FarRecallConfig(length=64, min_distance=20, num_symbols=12, num_classes=5)
+@pytest.mark.parametrize("mode", ["needle", "pair"])
+def test_far_recall_examples(mode):
+    cfg = far_recall.FarRecallConfig(length=64, min_distance=20, num_symbols=12, num_classes=5, mode=mode)
     examples = list(far_recall.generate_examples(200, seed=1, config=cfg))
     assert examples[0][0].tolist() == next(far_recall.generate_examples(1, 1, cfg))[0].tolist()
+    words = far_recall.vocab(cfg)
     for ids, label in examples:
-        assert len(ids) == 64 and (ids == 2).sum() == 1
-        pos = int(np.flatnonzero(ids == 2)[0])
-        assert pos >= 20 and ids[pos + 1] == 3 + label
-        assert ids.min() >= 2 and ids.max() < 3 + 12
+        text = [words[i] for i in ids]
+        assert len(ids) == 64 and min(ids) >= 2
+        if mode == "needle":
+            needles = [i for i, t in enumerate(text) if t.startswith("n")]
+            assert len(needles) == 1 and needles[0] >= 20 and text[needles[0]] == f"n{label}"
+            assert "@" not in text
+        else:
+            pos = text.index("@")
+            assert text.count("@") == 1 and pos >= 20 and text[pos + 1] == f"s{label}"
+            assert not any(t.startswith("n") for t in text)
+    assert len({label for _, label in examples}) == 5
     assert far_recall.window_receptive_field(16, 2) == 40
     with pytest.raises(ValueError, match="--min-distance"):
         far_recall.FarRecallConfig(length=10, min_distance=9).validate()
+    with pytest.raises(ValueError, match="--mode"):
+        far_recall.FarRecallConfig(mode="x").validate()
 
 
 def _generate(prefix, *extra):
