@@ -42,7 +42,8 @@ def _num_samples(args: Arguments) -> tuple[int, int, int]:
     t, lg = args.training, args.logging
     gbs = t.global_batch_size
     evals = (t.train_iters // lg.eval_interval + 1) if lg.eval_interval else 1
-    return t.train_iters * gbs, evals * lg.eval_iters * gbs, lg.eval_iters * gbs
+    train = t.train_samples if t.train_samples is not None else t.train_iters * gbs  # Megatron's count
+    return train, evals * lg.eval_iters * gbs, lg.eval_iters * gbs
 
 
 def pretrain(args: Arguments, model_provider: ModelProvider,
