@@ -76,6 +76,8 @@ def _cases(c: dict) -> list:
              data_path=[c["a"], c["empty"], c["multi"]]),
         case("per_split", [300, 40, 20], seq_length=32, split=None,
              per_split=[["0.6", c["a"], "0.4", c["multi"]], [c["empty"]], [c["tiny"], c["multi"]]]),
+        case("per_split_single_weighted", [200, 30, 0], seq_length=32, split=None,
+             per_split=[["0.5", c["multi"]], ["2", c["a"], "1", c["tiny"]], None]),
         case("eod_mask_loss", [200, 20, 10], seq_length=32, data_path=[c["eod"]], eod=3, eod_mask_loss=True),
     ]
 
@@ -99,7 +101,8 @@ def _ours(case: dict, cache_dir: str) -> tuple:
 
 
 CASE_NAMES = ["one_epoch", "many_epochs", "many_epochs_whole", "empty_documents", "multi_sequence", "blend_weights",
-              "blend_three", "single_weighted", "blend_no_weights", "per_split", "eod_mask_loss"]
+              "blend_three", "single_weighted", "blend_no_weights", "per_split", "per_split_single_weighted",
+              "eod_mask_loss"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
