@@ -60,7 +60,7 @@ def _split_dataset(ctx: _Context, prefixes: list[str], weights: Optional[list[fl
                    fractions: Optional[Sequence[float]], split: str):
     """The dataset of split ``s`` (a ``GPTDataset`` or a ``BlendedDataset``), not yet indexed."""
     ranges = [_range(ctx, p, s, fractions, split) for p in prefixes]
-    if weights is None and len(prefixes) == 1 or fractions is None and len(prefixes) == 1:
+    if len(prefixes) == 1 and (weights is None or fractions is None):  # per-split: a lone weight is ignored
         return ctx.part(prefixes[0], s, ranges[0], size)
     if weights is not None:
         w = normalize_weights(weights)
