@@ -7,8 +7,9 @@ it as a Hugging Face model (``trust_remote_code``) with its Long-Short decoding 
   python tools/convert_checkpoint.py --load ckpt_tp2pp2 --to-hf hf_model   # or --load a consolidated dir
 
 Checkpoints saved with context parallelism convert like any other (CP replicates the weights; the result has
-CP = 1 and DP = 1). The re-sharded checkpoint holds model weights only: continue training from it with
-``--load DIR --finetune``.
+CP = 1 and DP = 1). The re-sharded checkpoint carries the optimizer state (fp32 master weights, Adam moments, LR
+schedule, counters) whenever the source has it: continue training with ``--load DIR`` (any DP size and ZeRO
+stage); otherwise it holds weights only: continue with ``--load DIR --finetune``.
 The consolidated directory holds ``model.safetensors`` (full weights, GPTModel names) and ``config.json``.
 The Hugging Face directory loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
 (docs/inference.md, "Hugging Face export"); the tokenizer comes from the checkpoint's flags unless given here.
@@ -69,6 +70,29 @@ def main(argv=None) -> None:
         print(f" {note}")
     for kind, path in written.items():
         print(f" wrote {kind}: {path}")
+    if args.save:
+        try:
+            carried = carry_optimizer_state(args.load, args.save, args.target_tensor_parallel_size,
+                                            args.target_pipeline_model_parallel_size)
+        except (CheckpointError, InferenceCheckpointError, OSError) as exc:
+            carried = False
+            print(f" optimizer state not carried over: {exc}")
+        print(f" continue training with --load {args.save}" if carried else
+              f" weights only: continue training with --load {args.save} --finetune")
+
+
+def carry_optimizer_state(load_dir: str, save_dir: str, tp: int, pp: int) -> bool:
+    """Re-shard the Adam state (and LR schedule, counters) of ``load_dir`` next to the weights in ``save_dir``."""
+    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata
+    from megatron_ls.config import transformer_config_from_dict
+    from megatron_ls.inference.convert import partition_dims
+    from megatron_ls.model import GPTModel
+    from megatron_ls.training.optimizer_reshard import reshard_optimizer_states
+
+    config = transformer_config_from_dict(read_metadata(load_dir, read_latest_tag(load_dir))["args"]["model"])
+    model = GPTModel(config)
+    shapes = {name: param.shape for name, param in model.named_parameters()}
+    return reshard_optimizer_states(load_dir, save_dir, shapes, partition_dims(config), model, tp, pp)
 
 
 if __name__ == "__main__":

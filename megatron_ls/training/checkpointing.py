@@ -185,6 +185,9 @@ def load_checkpoint(engine: Any, load_dir: str, *, load_optimizer: bool = True, 
 
     tag = read_latest_tag(load_dir)
     metadata = read_metadata(load_dir, tag)
+    if metadata.get("weights_only") and not finetune:
+        raise CheckpointError(f"--load {load_dir} holds re-sharded weights only (tools/convert_checkpoint.py found "
+                              f"no optimizer state to carry over): continue from it with --finetune")
     install_safe_checkpoint_engine(engine)
     load_optimizer = load_optimizer and not finetune
     try:

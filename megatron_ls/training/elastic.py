@@ -15,6 +15,8 @@ with ``weights_only=True`` loads -- and writes them into the running engine's pa
   optimizer state, whose parameters are numbered in the optimizer's group order.
 * ``unfused``: bf16/fp16 without ZeRO (DeepSpeed's ``FP16_UnfusedOptimizer``): the same file, with one fp32
   master copy per parameter (``fp32_groups``) next to the torch optimizer state.
+* ``converted``: whole per-parameter state per TP rank, written by ``optimizer_reshard.py`` when
+  ``tools/convert_checkpoint.py`` re-shards a checkpoint to another TP x PP layout.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ import torch.distributed as dist
 from megatron_ls.checkpoint_files import CheckpointError, safe_torch_load
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# Written by optimizer_reshard.py next to re-sharded weights: whole per-parameter state per TP rank, and the
+# LR schedule / step counters of the source.
+STATES_FILE = "optimizer_states_tp_{:02d}.pt"
+TRAINING_STATE_FILE = "training_state.pt"
 
 
 @dataclass
@@ -73,15 +79,18 @@ def _optim_files(ckpt_dir: str, mp_rank: int) -> list[str]:
 
 def saved_kind(ckpt_dir: str, mp_rank: int) -> str:
     """The layout a checkpoint's optimizer state was saved in (see the module docstring)."""
+    if os.path.isfile(os.path.join(ckpt_dir, STATES_FILE.format(0))):
+        return "converted"
     files = _optim_files(ckpt_dir, mp_rank)
     if not files:
-        optimizer = _model_states(ckpt_dir, mp_rank).get("optimizer")
+        optimizer = model_states(ckpt_dir, mp_rank).get("optimizer")
         return "unfused" if isinstance(optimizer, dict) and "fp32_groups" in optimizer else "plain"
     state = safe_torch_load(files[0])["optimizer_state_dict"]
     return "zero3" if "fp32_flat_groups" in state else "flat"
 
 
-def _model_states(ckpt_dir: str, mp_rank: int) -> dict:
+def model_states(ckpt_dir: str, mp_rank: int) -> dict:
+    """DeepSpeed's model states file of model-parallel rank ``mp_rank`` (the one of DP rank 0 under ZeRO-3)."""
     for name in (f"mp_rank_{mp_rank:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{mp_rank:02d}_model_states.pt"):
         path = os.path.join(ckpt_dir, name)
         if os.path.isfile(path):
@@ -123,7 +132,7 @@ def _read_flat(files: list[str]) -> ParamStates:
 
 def _read_zero3(files: list[str], ckpt_dir: str, mp_rank: int) -> ParamStates:
     """Whole parameters from ZeRO-3's equal pieces (each padded to ``ceil(numel / DP)``)."""
-    shapes = _model_states(ckpt_dir, mp_rank)["param_shapes"]
+    shapes = model_states(ckpt_dir, mp_rank)["param_shapes"]
     world = len(files)
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     out = ParamStates()
@@ -164,7 +173,7 @@ def plain_parameter_order(module: torch.nn.Module) -> list[str]:
 
 def _read_plain(ckpt_dir: str, mp_rank: int, module: torch.nn.Module) -> ParamStates:
     """fp32 weights and torch AdamW state (numbered in group order) of a checkpoint without ZeRO."""
-    sd = _model_states(ckpt_dir, mp_rank)
+    sd = model_states(ckpt_dir, mp_rank)
     if not isinstance(sd.get("module"), dict):
         raise CheckpointError(f"{ckpt_dir}: a pipeline checkpoint without ZeRO keeps its weights per layer; "
                               f"resume it with the ZeRO stage and precision it was saved with")
@@ -185,10 +194,18 @@ def _read_plain(ckpt_dir: str, mp_rank: int, module: torch.nn.Module) -> ParamSt
     return out
 
 
-def read_states(ckpt_dir: str, mp_rank: int, module: torch.nn.Module) -> ParamStates:
-    """This model shard's per-parameter state from whichever layout ``ckpt_dir`` was saved in."""
+def _read_converted(ckpt_dir: str, tp_rank: int) -> ParamStates:
+    sd = safe_torch_load(os.path.join(ckpt_dir, STATES_FILE.format(tp_rank)))
+    return ParamStates(fp32=sd["fp32"], moments=sd["moments"], step=sd["step"], group_settings=sd["group_settings"])
+
+
+def read_states(ckpt_dir: str, mp_rank: int, module: torch.nn.Module, tp_rank: int = 0) -> ParamStates:
+    """This model shard's per-parameter state from whichever layout ``ckpt_dir`` was saved in (``tp_rank``: the
+    shard's tensor-parallel rank, for re-sharded checkpoints)."""
     files = _optim_files(ckpt_dir, mp_rank)
     kind = saved_kind(ckpt_dir, mp_rank)
+    if kind == "converted":
+        return _read_converted(ckpt_dir, tp_rank)
     if kind == "flat":
         return _read_flat(files)
     if kind == "zero3":
@@ -303,9 +320,11 @@ def load_elastic(engine: Any, load_dir: str, tag: str, *, load_optimizer: bool,
         raise CheckpointError(f"--load {load_dir}: this optimizer setup ({type(engine.optimizer).__name__}) cannot "
                               f"take a checkpoint of another ZeRO stage or precision; resume with the saved "
                               f"settings, or pass --finetune")
+    from megatron_ls.parallel import state as ps
+
     ckpt_dir = os.path.join(load_dir, tag)
     mp_rank = engine.checkpoint_mp_rank
-    states = read_states(ckpt_dir, mp_rank, engine.module)
+    states = read_states(ckpt_dir, mp_rank, engine.module, ps.get_tensor_model_parallel_rank())
     if kind == "flat":
         _write_flat(engine.optimizer, states, load_optimizer)
     elif kind == "zero3":
@@ -314,9 +333,10 @@ def load_elastic(engine: Any, load_dir: str, tag: str, *, load_optimizer: bool,
         _write_plain(engine, states, load_optimizer)
     if not load_training_state:
         return
-    model_states = _model_states(ckpt_dir, mp_rank)
-    if engine.lr_scheduler is not None and "lr_scheduler" in model_states:
-        engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
-    engine.global_steps = model_states.get("global_steps", engine.global_steps)
-    engine.global_samples = model_states.get("global_samples", engine.global_samples)
-    engine.skipped_steps = model_states.get("skipped_steps", engine.skipped_steps)
+    converted = os.path.join(ckpt_dir, TRAINING_STATE_FILE)
+    saved = safe_torch_load(converted) if os.path.isfile(converted) else model_states(ckpt_dir, mp_rank)
+    if engine.lr_scheduler is not None and "lr_scheduler" in saved:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    engine.global_steps = saved.get("global_steps", engine.global_steps)
+    engine.global_samples = saved.get("global_samples", engine.global_samples)
+    engine.skipped_steps = saved.get("skipped_steps", engine.skipped_steps)

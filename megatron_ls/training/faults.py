@@ -98,6 +98,12 @@ class NonFiniteTracker:
                                 f"the data, or resume from the last checkpoint")
 
 
+def one_line(text: str, limit: int = 1200) -> str:
+    """``text`` with its line breaks and runs of blanks collapsed, cut at ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
 def _rank_text() -> str:
     return f"rank {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "rank 0"
 
@@ -111,6 +117,8 @@ def describe_failure(exc: BaseException) -> Optional[str]:
         return (f"{_rank_text()}: {_PHASE}: the fp16 loss scale reached its minimum and the step still overflows "
                 f"(the loss or gradients are not finite); lower --lr or use --bf16")
     lowered = first.lower()
+    if "rendezvous" in lowered:
+        return first  # initialize_distributed's own message names the address, port, rank and world size
     distributed = isinstance(exc, RuntimeError) and (
         any(mark in lowered for mark in _TIMEOUT_MARKS + _PEER_MARKS)
         or type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"))

@@ -249,7 +249,7 @@ def run_main(main: Callable[[], Any]) -> None:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure ends here, known ones in one line
         known = isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
-        line = str(exc) if known else faults.describe_failure(exc)
+        line = faults.one_line(str(exc)) if known else faults.describe_failure(exc)
         if line is None:
             traceback.print_exc()
         elif not getattr(exc, "all_ranks", False) or not dist.is_initialized() or dist.get_rank() == 0:

@@ -1,7 +1,7 @@
 """Faults end to end (issue 9): a re-run never rewrites its live checkpoint and a kill -9 during a re-save leaves
 it loadable, a full disk is one line, out-of-vocabulary data is refused at TP1 and TP2, a frozen peer ends the job
 within --distributed-timeout-minutes, a diverging loss stops in one line, and a checkpoint resumes at another
-ZeRO stage or data-parallel size continuing the same loss curve."""
+ZeRO stage, data-parallel size or (re-sharded) tensor-parallel size continuing the same loss curve."""
 from __future__ import annotations
 
 import hashlib
@@ -186,19 +186,42 @@ def test_diverging_loss_stops_in_one_line_after_the_skipped_steps(corpus_prefix)
     assert "iteration 3: 2 consecutive iteration(s) with a non-finite loss" in line
 
 
-def test_zero1_checkpoint_resumes_without_zero_and_refuses_a_changed_window(corpus_prefix, reference, tmp_path):
-    # Before: --zero-stage 0 on a ZeRO-1 checkpoint died with an AttributeError.
-    ckpt = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def zero1_checkpoint(corpus_prefix, tmp_path_factory) -> Path:
+    """A one-process ZeRO-1 run stopped (and saved) at iteration 2 of 4."""
+    ckpt = tmp_path_factory.mktemp("zero1") / "ckpt"
     run_cli(pretrain_cmd(corpus_prefix, *NO_DROPOUT, "--train-iters", "4", "--zero-stage", "1", "--save", str(ckpt),
                          "--exit-interval", "2"))
+    return ckpt
+
+
+def test_zero1_checkpoint_resumes_without_zero_and_refuses_a_changed_window(corpus_prefix, reference,
+                                                                           zero1_checkpoint):
+    # Before: --zero-stage 0 on a ZeRO-1 checkpoint died with an AttributeError.
     resumed = iteration_losses(run_cli(pretrain_cmd(corpus_prefix, *NO_DROPOUT, "--train-iters", "4", "--load",
-                                                    str(ckpt))).stdout)
+                                                    str(zero1_checkpoint))).stdout)
     assert sorted(resumed) == [3, 4]
     assert all(resumed[it] == pytest.approx(reference[it], rel=1e-5) for it in (3, 4)), (resumed, reference)
-    proc = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "4", "--load", str(ckpt), "--window-size", "64"),
-                   check=False)
+    proc = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "4", "--load", str(zero1_checkpoint),
+                                "--window-size", "64"), check=False)
     assert proc.returncode == 1
     assert "--window-size is 64 here but 32 in the checkpoint" in _one_error_line(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resharded_checkpoint_resumes_at_tp2_with_its_optimizer_state(corpus_prefix, reference, zero1_checkpoint,
+                                                                       tmp_path):
+    # Before: the converter wrote weights only (--finetune: fresh Adam moments and LR schedule).
+    tp2 = tmp_path / "tp2"
+    out = run_cli([sys.executable, "tools/convert_checkpoint.py", "--load", str(zero1_checkpoint), "--save", str(tp2),
+                   "--target-tensor-parallel-size", "2"]).stdout
+    assert f"continue training with --load {tp2}" in out and "--finetune" not in out
+    cmd = pretrain_cmd(corpus_prefix, *NO_DROPOUT, "--train-iters", "4", "--tensor-model-parallel-size", "2",
+                       "--load", str(tp2))
+    resumed = iteration_losses(run_cli(_torchrun(2, cmd), timeout=400).stdout)
+    assert sorted(resumed) == [3, 4]
+    assert all(resumed[it] == pytest.approx(reference[it], rel=2e-5) for it in (3, 4)), (resumed, reference)
 
 
 @pytest.mark.slow

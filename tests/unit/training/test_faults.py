@@ -198,3 +198,14 @@ def test_resume_refuses_changed_attention_other_shapes_and_a_finished_schedule(t
     with pytest.raises(CheckpointError, match="at iteration 8, past --train-iters 5.*--finetune"):
         check_resume_position(saved, 5)
     check_resume_position(saved, 5, finetune=True)
+
+
+def test_pipeline_names_map_to_model_names_and_back():
+    from megatron_ls.training.optimizer_reshard import model_name, pipeline_name
+
+    pairs = {"embedding.word_embeddings.weight": "tied_modules.embed.word_embeddings.weight",
+             "layers.0.self_attention.qkvp.weight": "1.self_attention.qkvp.weight",
+             "layers.3.mlp.dense_4h_to_h.bias": "4.mlp.dense_4h_to_h.bias",
+             "final_layernorm.weight": "5.weight"}
+    for name, piped in pairs.items():
+        assert pipeline_name(name, 4) == piped and model_name(piped, 4) == name
