@@ -125,7 +125,11 @@ class _Encoder:
 
     def _encode_one(self, text: str | list[str]) -> list[np.ndarray]:
         """One document's sequences (Megatron: empty ones dropped, EOD appended to the last one)."""
-        parts = [ids for ids in (self._ids(t) for t in ([text] if isinstance(text, str) else text)) if ids.size]
+        if isinstance(text, str):  # the common case: one sequence
+            ids = self._ids(text)
+            parts = [ids] if ids.size else []
+        else:
+            parts = [ids for ids in map(self._ids, text) if ids.size]
         seqs = []
         for j, ids in enumerate(parts):
             eod = self.args.append_eod and j == len(parts) - 1
