@@ -100,3 +100,16 @@ def test_unsupported_layouts_and_mixed_cls_schemes_are_refused(listops_prefix):
     cmd = [a if a != "LISTOPS" else "FAR_RECALL" for a in tasks_cmd(listops_prefix, "--train-iters", "1")]
     wrong = run_cli(cmd, check=False)
     assert wrong.returncode != 0 and "holds LISTOPS data" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_long_range_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli([sys.executable, "tools/bench_long_range.py", "--variants", "window", "ls-post-cls",
+                    "--train-iters", "4", "--length", "64", "--min-distance", "45", "--train-samples", "64",
+                    "--batch-size", "4", "--hidden-size", "16", "--data-prefix", str(tmp_path / "fr" / "fr"),
+                    "--work-dir", str(tmp_path / "runs"), "--json", str(out)])
+    assert "| window | 32 |" in proc.stdout and "| ls-post-cls | 34 |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [row["variant"] for row in result["rows"]] == ["window", "ls-post-cls"]
+    assert result["window_receptive_field"] == 40 and 0.0 <= result["rows"][0]["test_accuracy"] <= 1.0
