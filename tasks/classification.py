@@ -57,6 +57,8 @@ def check_task_arguments(args: Arguments) -> None:
     if p.context_parallel_size > 1:
         problems.append("--context-parallel-size > 1 is not supported for sequence classification (pooling needs "
                         "the whole sequence on one rank)")
+    if e.cls_init_std < 0:
+        problems.append(f"--cls-init-std must be >= 0, got {e.cls_init_std}")
     if e.bucket_batches < 0:
         problems.append(f"--bucket-batches must be >= 0, got {e.bucket_batches}")
     if e.pooling == "cls" and e.cls_last_layer:
@@ -161,7 +163,7 @@ def train_classification(args: Arguments) -> dict:
     train_view = EpochShuffledView(splits["train"], t.train_iters * t.global_batch_size, args.model.seed,
                                    e.bucket_batches, t.global_batch_size)
     model = ClassificationModel(args.model, num_classes, pooling=e.pooling, cls_last_layer=e.cls_last_layer,
-                                pad_id=pad_id, cls_id=cls_id)
+                                pad_id=pad_id, cls_id=cls_id, cls_init_std=e.cls_init_std)
     max_tokens = model.max_tokens
     if ck.load:
         checkpointing.check_compatible(ck.load, args.model)

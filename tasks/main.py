@@ -33,6 +33,9 @@ def task_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cls-last-layer", dest="extra.cls_last_layer", action="store_true",
                        help="The released LRA 'post-CLS': a learned CLS vector joins only the last layer, where "
                             "it attends to its own key and that layer's token outputs; its output is pooled.")
+    group.add_argument("--cls-init-std", dest="extra.cls_init_std", type=float, default=0.0,
+                       help="Initialise the --cls-last-layer CLS vector from a normal with this std (0 = zeros, as "
+                            "released; zeros start the CLS query, key and value at exactly 0). Default: 0.")
     group.add_argument("--bucket-batches", dest="extra.bucket_batches", type=int, default=0,
                        help="Sort each run of this many global batches by length before cutting it into batches "
                             "(less padding, faster on long-tailed lengths); 0 = plain shuffled batches. Default: 0.")

@@ -7,8 +7,9 @@ vector and a two-layer ReLU head (``hidden -> ffn -> classes``, the released LRA
 * ``mean``: the mean of the final-LN outputs over the unpadded tokens;
 * ``cls``: a CLS token (id ``cls_id``) is put in front of the tokens and treated as an ordinary token; its
   output is pooled;
-* ``cls_last_layer=True`` (the released code's ``--cls_last_layer``): a learned CLS vector (zeros at init) joins
-  only in the last layer, by the rule of :func:`post_cls_layer`; its output is pooled.
+* ``cls_last_layer=True`` (the released code's ``--cls_last_layer``): a learned CLS vector (zeros at init, or
+  normal with ``cls_init_std``) joins only in the last layer, by the rule of :func:`post_cls_layer`; its output
+  is pooled.
 
 Tensor parallel like GPT-LS (heads and MLP columns sharded; embedding vocab-parallel); the CLS vector and the
 head are replicated. No context parallelism (the pooled vector needs the whole sequence).
@@ -134,7 +135,7 @@ class ClassificationModel(nn.Module):
     ``model(tokens, labels) -> per-example cross entropy (B,)``. Padding is ``tokens == pad_id``."""
 
     def __init__(self, config: TransformerConfig, num_classes: int, *, pooling: str = "mean",
-                 cls_last_layer: bool = False, pad_id: int = 0, cls_id: int = 1) -> None:
+                 cls_last_layer: bool = False, pad_id: int = 0, cls_id: int = 1, cls_init_std: float = 0.0) -> None:
         super().__init__()
         if config.causal:
             raise ValueError("ClassificationModel is bidirectional: config.causal must be False")
@@ -156,6 +157,9 @@ class ClassificationModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         with seeded_init(config.seed, HEAD_SALT):
             self.cls_embed = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if cls_last_layer else None
+            if self.cls_embed is not None and cls_init_std > 0:
+                # zeros (the released code) + zero biases make the CLS query, key and value exactly 0 at init
+                nn.init.normal_(self.cls_embed, std=cls_init_std)
             self.head = nn.Sequential(nn.Linear(config.hidden_size, config.ffn_hidden_size), nn.ReLU(),
                                       nn.Linear(config.ffn_hidden_size, num_classes))
             for module in (self.head[0], self.head[2]):

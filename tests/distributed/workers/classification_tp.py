@@ -19,8 +19,9 @@ CASES = {
     "post-cls": dict(cls_last_layer=True),
     "post-cls-full-last": dict(cls_last_layer=True, full_attention_layers=(1,)),
     "post-cls-head-dualln": dict(cls_last_layer=True, dual_ln_scope="head"),
+    "post-cls-random-cls": dict(cls_last_layer=True, cls_init_std=0.5),
 }
-MODEL_KEYS = ("pooling", "cls_last_layer")
+MODEL_KEYS = ("pooling", "cls_last_layer", "cls_init_std")
 
 
 def build(case: dict) -> ClassificationModel:

@@ -189,7 +189,10 @@ def test_errors_are_clear():
         model(torch.ones(1, 16, dtype=torch.long))
 
 
-def test_same_seed_same_weights():
-    a = ClassificationModel(make_config(), 4, cls_last_layer=True).state_dict()
-    b = ClassificationModel(make_config(), 4, cls_last_layer=True).state_dict()
+@pytest.mark.parametrize("cls_init_std", [0.0, 0.5])
+def test_same_seed_same_weights(cls_init_std):
+    a = ClassificationModel(make_config(), 4, cls_last_layer=True, cls_init_std=cls_init_std).state_dict()
+    b = ClassificationModel(make_config(), 4, cls_last_layer=True, cls_init_std=cls_init_std).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cls = a["cls_embed"]
+    assert (cls == 0).all() if cls_init_std == 0 else 0.3 < float(cls.std()) < 0.7
