@@ -33,6 +33,7 @@ VARIANTS = {
     "projection": ["--window-size", "0"],
     "full": ["--full-attention-layers", "ALL"],
     "ls-post-cls": ["--cls-last-layer"],  # the released post-CLS instead of a CLS token
+    "ls-post-cls-rand": ["--cls-last-layer", "--cls-init-std", "1.0"],  # ... with a random CLS vector at init
 }
 MEASURED = ["megatron_ls", "tasks", "tools/bench_long_range.py", "tools/generate_task_data.py"]
 
@@ -104,7 +105,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
     summary = json.load(open(results))
     w, r = args.window_size, args.projection_rank
     keys = {"window": 2 * w if w else 0, "ls": 2 * w + r, "projection": r, "full": args.length + 1,
-            "ls-post-cls": 2 * w + r}[name]
+            "ls-post-cls": 2 * w + r, "ls-post-cls-rand": 2 * w + r}[name]
     return {"variant": name, "flags": extra, "keys_per_query": keys, "test_accuracy": summary["test"]["accuracy"],
             "valid_accuracy": summary["valid"]["accuracy"], "final_train_loss": summary["train_losses"][-1],
             "valid_history": [(h["iteration"], h["accuracy"]) for h in summary["history"] if h["split"] == "valid"],
