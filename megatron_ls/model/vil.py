@@ -108,7 +108,8 @@ def _layer_flops(cfg: TransformerConfig, layer: int, tokens: int, cls_tokens: in
 def training_flops_per_image(config: TransformerConfig, vision: VisionConfig) -> float:
     """Training FLOPs (3 x forward) of one image, single- or multi-scale, embeddings and head included."""
     if not vision.vil_stages:
-        stages = [(config, vision.grid, vision.cls_tokens, vision.num_channels * vision.patch_dim ** 2)]
+        kernel = vision.patch_embed_kernel or vision.patch_dim
+        stages = [(config, vision.grid, vision.cls_tokens, vision.num_channels * kernel ** 2)]
         width = config.hidden_size
     else:
         stages, block, in_ch = [], 0, vision.num_channels

@@ -35,7 +35,10 @@ class LearnedVector(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """Conv patches (kernel = stride = ``patch``) -> LayerNorm -> [CLS tokens; patches] (+ absolute positions).
+    """Conv patches (stride ``patch``) -> LayerNorm -> [CLS tokens; patches] (+ absolute positions).
+
+    The kernel is ``patch`` (non-overlapping, as released) unless ``kernel`` is larger: CvT's overlapping
+    convolutional token embedding, padded by ``(kernel - patch + 1) // 2`` so the grid stays ``H / patch``.
 
     Input: images ``(B, C, H, W)``, or the previous stage's tokens ``(B, E' + h*w, C)`` with ``in_grid=(h, w)``
     and ``in_cls`` CLS tokens (dropped, as in the released ViL: each stage has its own CLS token) — patch merging.
@@ -45,11 +48,12 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, width: int, patch: int, grid: tuple[int, int], cls_tokens: int,
                  absolute_position: bool, eps: float, dropout: float,
-                 in_grid: Optional[tuple[int, int]] = None, in_cls: int = 0) -> None:
+                 in_grid: Optional[tuple[int, int]] = None, in_cls: int = 0, kernel: int = 0) -> None:
         super().__init__()
         self.patch, self.grid, self.cls_tokens = patch, tuple(grid), cls_tokens
         self.in_grid, self.in_cls = in_grid, in_cls
-        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch)
+        kernel = kernel or patch
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=kernel, stride=patch, padding=(kernel - patch + 1) // 2)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.cls_token = LearnedVector(1, cls_tokens, width) if cls_tokens else None
         self.position = None
@@ -158,7 +162,7 @@ class ViTPatchEmbedding(PatchEmbedding):
         with seeded_init(config.seed, EMBEDDING_SALT):
             super().__init__(vision.num_channels, config.hidden_size, vision.patch_dim, vision.grid,
                              vision.cls_tokens, config.position_embedding_type == "learned",
-                             config.layernorm_epsilon, config.hidden_dropout)
+                             config.layernorm_epsilon, config.hidden_dropout, kernel=vision.patch_embed_kernel)
 
 
 def build_vit_layer(config: TransformerConfig, vision: VisionConfig, index: int) -> VisionTransformerLayer:

@@ -72,6 +72,10 @@ class VisionConfig:
     img_w: int = _f(224, "Image width in pixels.")
     num_channels: int = _f(3, "Image channels (1 for Fashion-MNIST, 3 for RGB).")
     patch_dim: int = _f(16, "Patch size in pixels (single-scale ViT-LS).")
+    patch_embed_kernel: int = _f(0, "Patch embedding convolution kernel (single-scale ViT-LS): 0 = --patch-dim "
+                                    "(non-overlapping patches, the released ViT/ViL); larger = CvT's overlapping "
+                                    "convolutional token embedding (stride --patch-dim, padding (k - p + 1) // 2, "
+                                    "same grid).")
     num_classes: int = _f(1000, "Number of classes; must equal the data set's.")
     pooling: str = _f("cls", "Classify the CLS token's output, or the mean of the patch outputs (no CLS token).",
                       choices=("cls", "mean"))
@@ -102,6 +106,11 @@ class VisionConfig:
         for name in ("img_h", "img_w", "num_channels", "patch_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.patch_embed_kernel and not self.patch_dim <= self.patch_embed_kernel:
+            problems.append(f"--patch-embed-kernel {self.patch_embed_kernel} must be 0 or >= --patch-dim "
+                            f"{self.patch_dim} (a smaller kernel would skip pixels)")
+        if self.patch_embed_kernel and self.vil_stages:
+            problems.append("--patch-embed-kernel applies to the single-scale ViT-LS, not --vil-stages")
         if self.num_classes < 2:
             problems.append(f"--num-classes must be >= 2, got {self.num_classes}")
         if not 0.0 <= self.drop_path_rate < 1.0:

@@ -97,3 +97,26 @@ def test_imagenet_recipe_dry_run():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ViLModel 39.80M parameters, batch (1, 3, 224, 224)" in proc.stdout
     assert "train_batch_size 1024 (DP=8), ZeRO 1" in proc.stdout
+
+
+@pytest.mark.parametrize("kernel", [4, 5, 7, 8])
+def test_overlapping_patch_embedding_keeps_the_grid_and_sees_neighbours(kernel):
+    """--patch-embed-kernel k > p: CvT's overlapping conv tokens, same grid; a patch sees pixels of its neighbours."""
+    model = ViTModel(_config(), _vision(patch_embed_kernel=kernel))
+    assert model.embedding.proj.kernel_size == (kernel, kernel)
+    images = torch.randn(2, 1, 16, 12)
+    tokens = model.embedding(images)
+    assert tokens.shape == (2, 1 + 4 * 3, 16)
+    # a pixel just left of patch (1, 1)'s 4x4 square: inside its receptive field iff the kernel overlaps
+    changed = images.clone()
+    changed[:, :, 5, 3] += 1.0
+    moved = (model.embedding(changed) - tokens).abs().amax(dim=(0, 2))[1:].view(4, 3)
+    assert bool(moved[1, 1] > 0) == (kernel > 4)  # padding (k - p + 1) // 2 >= 1 exactly when k > p
+    assert moved[1, 0] > 0  # its own patch always
+
+
+def test_patch_embed_kernel_errors():
+    with pytest.raises(ConfigError, match="--patch-embed-kernel 3 must be 0 or >= --patch-dim 4"):
+        _vision(patch_embed_kernel=3).validate()
+    with pytest.raises(ConfigError, match="not --vil-stages"):
+        _vision(img_h=16, img_w=16, patch_embed_kernel=7, vil_stages="tiny").validate()
