@@ -14,8 +14,13 @@ Sequence layout: ``num_extra_tokens`` leading tokens (CLS, distillation, ...) th
   ``window_bias`` (H, w², S²) is added to the window scores of every block (a relative position bias: query
   ``a·w + b`` of a block, key ``c·S + d`` of its S×S square, S = w + 2e).
 
-The computation is vectorised over all blocks in plain autograd: memory O(N·((w+2e)² + E + r)), linear in the
-number of patches, no N×N tensor except for the E extra-token query rows (E×N).
+Patch queries (``implementation="fused"``, the default) go through ``long_short_2d_fused.PatchQueryAttention``:
+one softmax per query over [square ; extra keys ; r projected keys], chunked over block rows, saving only its
+inputs, output and logsumexp and recomputing the scores in backward -- memory O(N·D) plus one chunk of scores.
+``implementation="autograd"`` is the reference: the same math vectorised over all blocks in plain autograd, memory
+O(N·((w+2e)² + E + r)) for the scores, probabilities and their copies. Attention dropout > 0 always takes the
+autograd path (it needs the dropped probabilities for backward). The norms, the projection and the extra-token
+queries (E×N scores) run in plain autograd in both.
 """
 from __future__ import annotations
 
@@ -26,10 +31,12 @@ import torch.nn.functional as F
 
 from . import checks
 from .long_short import _apply_norm
+from .long_short_2d_fused import Geometry, fused_patch_attention
 from .projection import compute_dtype, project_bidirectional
 
 NEG_INF = float("-inf")
 EXTRA_QUERY_MODES = ("full", "post")
+IMPLEMENTATIONS = ("fused", "autograd")
 
 
 def _check_grid(grid, n: int, num_extra: int) -> Tuple[int, int]:
@@ -82,6 +89,60 @@ def _softmax_union(parts, dropout_p: float):
     return F.dropout(p, dropout_p) if dropout_p > 0 else p
 
 
+def _additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool keep-mask -> additive 0 / -inf."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, NEG_INF)
+
+
+def _patch_queries_autograd(geom: Geometry, q_p, k_p, v_p, shared, window_bias, sq_ok, dropout_p: float):
+    """Reference path in plain autograd: every block's scores against [square ; shared keys] at once.
+
+    ``q_p`` (scaled), ``k_p``, ``v_p``: (B, H, P, D) patches; ``shared``: [(keys, values, keep (B|1, X))].
+    Memory O(P·(S² + X)) for the scores, probabilities and the copies autograd saves.
+    """
+    gh, gw, window, e = geom.gh, geom.gw, geom.window, geom.extension
+    qb = _grid_blocks(q_p, gh, gw, max(window, 1))  # (B, H, nbh, nbw, T, D)
+    parts, vals = [], []
+    if window > 0:
+        ks = _grid_slabs(k_p, gh, gw, window, e, 0.0)
+        vs = _grid_slabs(v_p, gh, gw, window, e, 0.0)
+        scores = torch.matmul(qb, ks.transpose(-1, -2)) + _additive(sq_ok, qb.dtype)[:, None, :, :, None, :]
+        if window_bias is not None:
+            scores = scores + window_bias[None, :, None, None]
+        parts.append(scores)
+        vals.append(("slab", vs))
+    for keys, values, keep in shared:
+        parts.append(torch.einsum("bhijtd,bhed->bhijte", qb, keys) + _additive(keep, qb.dtype)[:, None, None, None,
+                                                                                               None])
+        vals.append(("shared", values))
+    p = _softmax_union(parts, dropout_p)
+    o, start = 0, 0
+    for kind, val in vals:
+        width = val.shape[-2]
+        pp = p[..., start:start + width]
+        o = o + (torch.matmul(pp, val) if kind == "slab" else torch.einsum("bhijtk,bhkd->bhijtd", pp, val))
+        start += width
+    return _ungrid_blocks(o, gh, gw, max(window, 1))
+
+
+def _patch_queries_fused(geom: Geometry, q_p, k_p, v_p, shared, window_bias, sq_ok):
+    """The same through :class:`~.long_short_2d_fused.PatchQueryAttention` (recomputes scores in backward)."""
+    b, h, p, d = q_p.shape
+    if geom.window > 0:
+        qb = _grid_blocks(q_p, geom.gh, geom.gw, geom.window)
+        sq_bias = None if bool(sq_ok.all()) else _additive(sq_ok, q_p.dtype)
+    else:  # projection only: one block of every patch
+        qb, k_p, v_p, sq_bias = q_p.reshape(b, h, 1, 1, p, d), None, None, None
+    kx = vx = x_bias = None
+    if shared:
+        kx = torch.cat([keys for keys, _, _ in shared], dim=2)
+        vx = torch.cat([values for _, values, _ in shared], dim=2)
+        keep = torch.cat([ok.expand(b, -1) for _, _, ok in shared], dim=1)
+        x_bias = None if bool(keep.all()) else _additive(keep, q_p.dtype)
+    o = fused_patch_attention(geom, qb, k_p, v_p, kx, vx, window_bias, sq_bias, x_bias)
+    return _ungrid_blocks(o, geom.gh, geom.gw, geom.window) if geom.window > 0 else o.reshape(b, h, p, d)
+
+
 def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_logits: Optional[torch.Tensor],
                             *, grid: Tuple[int, int], window: int, num_extra_tokens: int = 0,
                             key_padding_mask: Optional[torch.Tensor] = None,
@@ -89,13 +150,15 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             dropout_p: float = 0.0, scale: Optional[float] = None,
                             window_extension: str = "floor", project_normed: bool = False,
                             window_bias: Optional[torch.Tensor] = None,
-                            extra_queries: str = "full") -> torch.Tensor:
+                            extra_queries: str = "full", implementation: str = "fused") -> torch.Tensor:
     """2D long-short attention over (B, H, E + gh·gw, D) tensors; returns (B, H, N, D) in q's dtype.
 
     See the module docstring for the visibility rule. ``key_padding_mask`` (B, N) bool, True = padding (never
     attended, no projection weight, padded query rows return 0). ``window_extension`` and ``project_normed``
     as in ``long_short_attention`` (defaults: the released code's ``max(w // 2, 1)``; raw keys projected).
     ``window_bias``: (H, w², (w + 2e)²) added to the window scores; ``extra_queries``: "full" or "post".
+    ``implementation``: "fused" (default; recompute in backward) or "autograd" (the reference); with
+    ``dropout_p > 0`` the patch queries take the autograd path either way.
     """
     checks.check_qkv(q, k, v)
     rank = checks.check_proj_logits(proj_logits, q)
@@ -114,6 +177,8 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     extension = checks.window_extension(window, window_extension)
     if extra_queries not in EXTRA_QUERY_MODES:
         raise ValueError(f"extra_queries must be one of {EXTRA_QUERY_MODES}, got {extra_queries!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if window_bias is not None:
         side = window + 2 * extension
         want = (h, window * window, side * side)
@@ -137,50 +202,34 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         v_glob = _apply_norm("global_norm", global_norm, v_glob).to(cd)
         glob_ok = (~no_weight).any(dim=1)[:, None, None, None]  # (B, 1, 1, 1): no patch left -> no keys
 
-    def bias(ok):  # bool keep-mask -> additive 0 / -inf
-        return torch.zeros(ok.shape, dtype=cd, device=dev).masked_fill(~ok, NEG_INF)
-
-    # patch queries, vectorised over blocks: scores against [square slab ; extra tokens ; global keys]
-    qb = _grid_blocks(q_s[:, :, ne:], gh, gw, max(window, 1))  # (B, H, nbh, nbw, T, D)
-    parts, vals = [], []
-    if window > 0:
-        e = extension
-        ks = _grid_slabs(k_loc[:, :, ne:], gh, gw, window, e, 0.0)
-        vs = _grid_slabs(v_loc[:, :, ne:], gh, gw, window, e, 0.0)
-        ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, e, 0.0)[..., 0] > 0  # (B|1, nbh, nbw, S²)
-        scores = torch.matmul(qb, ks.transpose(-1, -2)) + bias(ok)[:, None, :, :, None, :]
-        if window_bias is not None:
-            scores = scores + window_bias.to(cd)[None, :, None, None]
-        parts.append(scores)
-        vals.append(("slab", vs))
+    sq_ok = None
+    if window > 0:  # (B|1, nbh, nbw, S²): which keys of each block's square exist (inside the image, not padding)
+        sq_ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, extension, 0.0)[..., 0] > 0
+    shared = []  # keys every patch query sees: (keys, values, keep (B|1, X))
     if ne > 0:
-        ke, ve = k_loc[:, :, :ne], v_loc[:, :, :ne]
-        parts.append(torch.einsum("bhijtd,bhed->bhijte", qb, ke) + bias(key_ok[:, :ne])[:, None, None, None, None])
-        vals.append(("shared", ve))
+        shared.append((k_loc[:, :, :ne], v_loc[:, :, :ne], key_ok[:, :ne]))
     if k_glob is not None:
-        parts.append(torch.einsum("bhijtd,bhrd->bhijtr", qb, k_glob) + bias(glob_ok)[..., None, None])
-        vals.append(("shared", v_glob))
-    p = _softmax_union(parts, dropout_p)
-    o, start = 0, 0
-    for kind, val in vals:
-        width = val.shape[-2]
-        pp = p[..., start:start + width]
-        o = o + (torch.matmul(pp, val) if kind == "slab" else torch.einsum("bhijtk,bhkd->bhijtd", pp, val))
-        start += width
-    out_patches = _ungrid_blocks(o, gh, gw, max(window, 1))
+        shared.append((k_glob, v_glob, glob_ok.view(-1, 1).expand(-1, rank)))
+    wb = None if window_bias is None else window_bias.to(cd)
+    geom = Geometry(gh, gw, window, extension)
+    if implementation == "fused" and dropout_p == 0.0:
+        out_patches = _patch_queries_fused(geom, q_s[:, :, ne:], k_loc[:, :, ne:], v_loc[:, :, ne:], shared, wb, sq_ok)
+    else:
+        out_patches = _patch_queries_autograd(geom, q_s[:, :, ne:], k_loc[:, :, ne:], v_loc[:, :, ne:], shared, wb,
+                                              sq_ok, dropout_p)
 
     outs = []
     if ne > 0 and extra_queries == "post":  # own keys + the patch outputs as keys and values
         qe, ke, ve = q_s[:, :, :ne], k_loc[:, :, :ne], v_loc[:, :, :ne]
-        eparts = [torch.matmul(qe, ke.transpose(-1, -2)) + bias(key_ok[:, :ne])[:, None, None, :],
-                  torch.matmul(qe, out_patches.transpose(-1, -2)) + bias(key_ok[:, ne:])[:, None, None, :]]
+        eparts = [torch.matmul(qe, ke.transpose(-1, -2)) + _additive(key_ok[:, :ne], cd)[:, None, None, :],
+                  torch.matmul(qe, out_patches.transpose(-1, -2)) + _additive(key_ok[:, ne:], cd)[:, None, None, :]]
         outs.append(torch.matmul(_softmax_union(eparts, 0.0), torch.cat([ve, out_patches], dim=2)))
     elif ne > 0:  # extra-token queries see every token and every global key
         qe = q_s[:, :, :ne]
-        eparts = [torch.matmul(qe, k_loc.transpose(-1, -2)) + bias(key_ok)[:, None, None, :]]
+        eparts = [torch.matmul(qe, k_loc.transpose(-1, -2)) + _additive(key_ok, cd)[:, None, None, :]]
         evals = [v_loc]
         if k_glob is not None:
-            eparts.append(torch.matmul(qe, k_glob.transpose(-1, -2)) + bias(glob_ok))
+            eparts.append(torch.matmul(qe, k_glob.transpose(-1, -2)) + _additive(glob_ok, cd))
             evals.append(v_glob)
         outs.append(torch.matmul(_softmax_union(eparts, dropout_p), torch.cat(evals, dim=2)))
     outs.append(out_patches)
