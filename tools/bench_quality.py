@@ -6,7 +6,10 @@ Variants (same model otherwise; one process each, one after the other, on the bu
 attention), ``masformer-ls`` / ``masformer-window`` (full attention in the last layer, the rest LS / window-only),
 ``ls-no-dualln``, ``ls-dualln-head`` (DualLN per head instead of over the full width).
 
-Example (about 1 h on 2 CPU cores with the defaults): ``python tools/bench_quality.py``; a quick look:
+``--save-dir DIR`` keeps each checkpoint and adds validation loss by token position (inside the first window,
+the next three windows, the rest): where in the context a variant gains or loses.
+
+Example (about 1.5 h on one CPU core with the defaults): ``python tools/bench_quality.py``; a quick look:
 ``python tools/bench_quality.py --train-iters 100 --variants ls window``.
 """
 from __future__ import annotations
@@ -56,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--save-dir", default=None,
+                   help="keep each variant's checkpoint in DIR/<variant> and report its validation loss by token "
+                        "position (positions < w, w..4w, >= 4w): where in the context a variant gains or loses")
+    p.add_argument("--position-eval-sequences", type=int, default=32,
+                   help="validation sequences of --seq-length for the per-position losses (with --save-dir)")
     p.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "bench_quality_cpu.json"))
     return p.parse_args(argv)
 
@@ -97,6 +105,8 @@ def train_variant(args, name: str) -> dict:
            "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--seed", str(args.seed),
            "--log-interval", str(max(1, args.train_iters // 10)), "--eval-interval", str(args.train_iters),
            "--eval-iters", str(args.eval_iters)] + _variant_flags(args, name)
+    if args.save_dir:
+        cmd += ["--save", os.path.join(args.save_dir, name), "--save-interval", str(args.train_iters)]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -106,9 +116,37 @@ def train_variant(args, name: str) -> dict:
     if not found:
         raise RuntimeError(f"variant {name}: no validation line in\n{proc.stdout[-2000:]}")
     loss = float(found[-1][1])
-    return {"variant": name, "flags": _variant_flags(args, name), "validation_loss": loss,
+    extra = {"position_losses": position_losses(args, os.path.join(args.save_dir, name))} if args.save_dir else {}
+    return {**extra, "variant": name, "flags": _variant_flags(args, name), "validation_loss": loss,
             "bits_per_byte": loss / math.log(2), "seconds": time.perf_counter() - t0,
             "keys_per_query": attention_keys_per_query(args, name)}
+
+
+def position_buckets(args) -> list:
+    """Token-position ranges of one sequence: inside the first window, the next 3 windows, the rest."""
+    n, w = args.seq_length, max(1, args.window_size)
+    edges = sorted({0, min(w, n), min(4 * w, n), n})
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+@torch.no_grad()
+def position_losses(args, checkpoint: str) -> list:
+    """Mean validation loss (nats) per position bucket of ``--seq-length`` sequences of the validation split."""
+    from megatron_ls.inference.loading import load_model_for_inference
+    from tools.evaluate import split_token_stream
+
+    model, _, _ = load_model_for_inference(checkpoint)
+    prefix = os.path.join(args.data_dir, "python_docs_text_document")
+    stream = torch.as_tensor(split_token_stream(prefix, "949,50,1", "valid").astype("int64"))
+    n = args.seq_length
+    count = min(args.position_eval_sequences, (len(stream) - 1) // n)
+    sums = torch.zeros(n, dtype=torch.float64)
+    for i in range(count):
+        chunk = stream[i * n: i * n + n + 1]
+        logits = model(chunk[None, :-1])[0].float()
+        sums += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="none").double()
+    return [{"positions": [a, b], "loss": float(sums[a:b].mean() / count), "sequences": count}
+            for a, b in position_buckets(args)]
 
 
 @torch.no_grad()
@@ -179,6 +217,13 @@ def main(argv=None) -> int:
     for r in sorted(record["runs"], key=lambda r: r["bits_per_byte"]):
         print(f"| {r['variant']} | {r['bits_per_byte']:.4f} | {r['validation_loss']:.4f} | "
               f"{r['keys_per_query']:.0f} | {r['seconds']:.0f} |")
+    if args.save_dir:
+        buckets = position_buckets(args)
+        print("\n## validation loss (nats) by token position")
+        print("| variant | " + " | ".join(f"positions {a}-{b - 1}" for a, b in buckets) + " |")
+        print("|---|" + "---|" * len(buckets))
+        for r in record["runs"]:
+            print(f"| {r['variant']} | " + " | ".join(f"{b['loss']:.4f}" for b in r["position_losses"]) + " |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
