@@ -109,14 +109,15 @@ class _Keys:
         self.kx, self.vx = kx, vx
 
     def _gather(self, sq, x, bs, hs, rs, lead) -> torch.Tensor:
-        parts = []
-        if sq is not None:
-            s2 = self.geom.side ** 2
-            parts.append(sq[bs, hs, rs].reshape(*lead, sq.shape[4], s2))
+        s = self.geom.side
+        d = (sq if sq is not None else x).shape[4 if sq is not None else 3]
+        width = s * s + (0 if x is None else x.shape[2])
+        buf = (sq if sq is not None else x).new_empty(*lead, d, width)
+        if sq is not None:  # one copy straight into place (a reshape + cat would copy twice)
+            buf[..., :s * s].unflatten(-1, (s, s)).copy_(sq[bs, hs, rs])
         if x is not None:  # (B, H, X, D) -> (b, h, rows, cols, D, X), shared by every block
-            xt = x[bs, hs].transpose(-1, -2)[:, :, None, None]
-            parts.append(xt.expand(*lead, *xt.shape[-2:]))
-        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=-1)
+            buf[..., s * s:] = x[bs, hs].transpose(-1, -2)[:, :, None, None]
+        return buf
 
     def keys(self, bs, hs, rs, lead) -> torch.Tensor:
         return self._gather(self.k_sq, self.kx, bs, hs, rs, lead)
