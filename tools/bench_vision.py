@@ -2,10 +2,12 @@
 """ViT-LS against the same model with full attention at growing image sides: training images/s and peak memory.
 
 Each point runs in a fresh subprocess: one warm-up step, then ``--repeats`` timed AdamW steps (forward, backward,
-update) on random images; peak extra memory is the process's peak RSS growth over one step (``VmHWM`` reset via
-``/proc/self/clear_refs``; on CUDA ``max_memory_allocated``). Both models have the same weights shapes except the
-projection logits; the relative position bias is off in both (the full model's would be an N x N table), so the
-only difference is the attention. The JSON records the device, torch version, git commit and load average.
+update) on random images, timed in wall-clock and in process CPU time (with one thread the CPU time is far less
+sensitive to other jobs on a shared machine than the wall clock); peak extra memory is the process's peak RSS
+growth over one step (``VmHWM`` reset via ``/proc/self/clear_refs``; on CUDA ``max_memory_allocated``). Both
+models have the same weights shapes except the projection logits; the relative position bias is off in both (the
+full model's would be an N x N table), so the only difference is the attention. The JSON records the device,
+torch version, git commit and load average.
 
   OMP_NUM_THREADS=1 python tools/bench_vision.py --sides 64,128,256 --json benchmarks/results/bench_vision_cpu.json
 """
@@ -62,17 +64,19 @@ def measure_point(kind: str, side: int, args: argparse.Namespace) -> dict:
         before = torch.cuda.memory_allocated()
     else:
         before = reset_peak_rss()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 20 if cuda else (rss_kb("VmHWM") - before) / 1024
     best = min(times)
     return {"kind": kind, "side": side, "patches": (side // args.patch) ** 2, "step_s": best,
-            "images_per_s": args.batch / best, "peak_extra_mib": peak, "load_avg": os.getloadavg()[0]}
+            "images_per_s": args.batch / best, "cpu_step_s": min(cpu_times),
+            "images_per_cpu_s": args.batch / min(cpu_times), "peak_extra_mib": peak, "load_avg": os.getloadavg()[0]}
 
 
 def main(argv=None) -> None:
@@ -106,7 +110,8 @@ def main(argv=None) -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f" {kind:10s} side {side:4d} ({row['patches']:5d} patches): {row['images_per_s']:8.2f} images/s, "
-                  f"peak extra {row['peak_extra_mib']:8.1f} MiB (load {row['load_avg']:.1f})", flush=True)
+                  f"{row['images_per_cpu_s']:8.2f} images/CPU-s, peak extra {row['peak_extra_mib']:8.1f} MiB "
+                  f"(load {row['load_avg']:.1f})", flush=True)
     payload = {"device": device_name(args.device), "torch": torch.__version__, "git_commit": git_commit(),
                "threads": torch.get_num_threads(), "config": {k: v for k, v in vars(args).items()
                                                               if k not in ("json", "point")}, "rows": rows}
