@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Iterator, Optional
@@ -20,15 +19,17 @@ import torch.distributed as dist
 
 from megatron_ls.arguments import Arguments, build_deepspeed_config
 from megatron_ls.config import ConfigError, config_to_dict
-from megatron_ls.data.classification_dataset import (ClassificationDataset, EpochShuffledView,
-                                                     collate_classification, read_meta)
+from megatron_ls.data.classification_dataset import (SPLITS, ClassificationDataset, EpochShuffledView,
+                                                     collate_classification, read_meta, split_prefix)
 from megatron_ls.data.sampler import PretrainingSampler
 from megatron_ls.model.classification import ClassificationModel
-from megatron_ls.training import checkpointing
+from megatron_ls.training import checkpointing, faults
+from megatron_ls.training.data_loading import check_dataset_vocabulary
 from megatron_ls.training.initialize import initialize_megatron_ls
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
+from megatron_ls.training.pretrain import check_precision_supported
 from megatron_ls.training.steps import build_steps
 
 PAD_MULTIPLE = 8  # micro-batches are padded to their longest example, rounded up to this
@@ -142,6 +143,7 @@ def train_classification(args: Arguments) -> dict:
     from megatron_ls.parallel.random import get_rng_state_dict, set_rng_state_dict
     from megatron_ls.training.deepspeed_mpu import deepspeed_mpu
 
+    check_precision_supported(t)
     prefix = args.data.data_path[-1]
     meta = read_meta(prefix)
     if meta["task"] != e.task:
@@ -159,7 +161,10 @@ def train_classification(args: Arguments) -> dict:
     grad_accum = ds_config["gradient_accumulation_steps"]
     task_meta = {"task": e.task, "num_classes": num_classes, "pooling": e.pooling, "cls_last_layer": e.cls_last_layer}
 
-    splits = {s: ClassificationDataset(prefix, s, meta) for s in ("train", "valid", "test")}
+    splits = {s: ClassificationDataset(prefix, s, meta) for s in SPLITS}
+    # Token ids outside the task's vocabulary would index past the embedding (or, at TP > 1, be masked silently).
+    check_dataset_vocabulary([split_prefix(prefix, s) for s in SPLITS], len(meta["vocab"]),
+                             f"the vocab of {prefix}_meta.json", args.data.data_cache_path)
     train_view = EpochShuffledView(splits["train"], t.train_iters * t.global_batch_size, args.model.seed,
                                    e.bucket_batches, t.global_batch_size)
     model = ClassificationModel(args.model, num_classes, pooling=e.pooling, cls_last_layer=e.cls_last_layer,
@@ -179,6 +184,7 @@ def train_classification(args: Arguments) -> dict:
     iteration, consumed = 0, 0
     loaded_iteration = -1
     if ck.load:
+        faults.set_phase(f"loading checkpoint {ck.load}")
         loaded, rng_state = checkpointing.load_checkpoint(engine, ck.load, load_optimizer=not ck.no_load_optim,
                                                           load_rng=not ck.no_load_rng, finetune=ck.finetune)
         iteration, consumed = loaded.iteration, loaded.consumed_samples
@@ -194,6 +200,7 @@ def train_classification(args: Arguments) -> dict:
     summary: dict[str, Any] = {"train_losses": [], "history": [], **task_meta}
 
     def run_eval(split: str, step: int, max_steps: Optional[int]) -> dict:
+        faults.set_phase(f"{split} evaluation at iteration {step}")
         start = time.perf_counter()
         result = evaluate_accuracy(engine, splits[split], mb, dp_rank, dp_size, pad_id, max_tokens, max_steps)
         name = "validation" if split == "valid" else "test"
@@ -205,6 +212,7 @@ def train_classification(args: Arguments) -> dict:
         return result
 
     def save(step: int) -> None:
+        faults.set_phase(f"saving the checkpoint of iteration {step} to {ck.save}")
         path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args), get_rng_state_dict(),
                                              {"task": task_meta, "layout": {
                                                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
@@ -230,14 +238,15 @@ def train_classification(args: Arguments) -> dict:
             yield batch
 
     counted_iter = counting(train_iter)
+    # Non-finite steps as in pretraining: skipped and counted, --nonfinite-steps-limit in a row stop in one line.
+    nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
     while iteration < t.train_iters:
+        faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr
         loss, skipped = steps.train_step(counted_iter)
         iteration += 1
         consumed += t.global_batch_size
         skipped_total += int(skipped)
-        if not math.isfinite(loss) and not skipped:
-            raise FloatingPointError(f"loss is {loss} at iteration {iteration}; lower --lr")
         interval_losses.append(loss)
         summary["train_losses"].append(loss)
         grad_norm = steps.grad_norm()
@@ -253,6 +262,7 @@ def train_classification(args: Arguments) -> dict:
                 loss=sum(interval_losses) / len(interval_losses), loss_scale=steps.loss_scale(),
                 grad_norm=grad_norm, skipped=skipped_total))
             interval_losses, interval_tokens, interval_start = [], 0, time.perf_counter()
+        nonfinite.update(iteration, loss, grad_norm, skipped)
         if lg.eval_interval and iteration % lg.eval_interval == 0 and iteration < t.train_iters:
             run_eval("valid", iteration, lg.eval_iters if lg.eval_iters > 0 else None)
         saved_now = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)

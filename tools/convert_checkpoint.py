@@ -24,7 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_ls.arguments import FriendlyArgumentParser
+    from megatron_ls.data.tokenizers import TOKENIZER_TYPES
+
+    p = FriendlyArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="training checkpoint directory (with its 'latest' marker), or a "
                    "consolidated directory (with --consolidated-dir / --to-hf only)")
     p.add_argument("--save", default=None, help="write a re-sharded training checkpoint here")
@@ -36,7 +39,8 @@ def main(argv=None) -> None:
                     "(config.json, model.safetensors, remote-code modeling files, tokenizer files)")
     hf.add_argument("--hf-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="cast the exported weights (default: as stored)")
-    hf.add_argument("--tokenizer-type", default=None, help="tokenizer to export (default: the checkpoint's)")
+    hf.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                    help="tokenizer to export (default: the checkpoint's)")
     hf.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json (default: the checkpoint's)")
     hf.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (default: the checkpoint's)")
     hf.add_argument("--tokenizer-model", default=None, help="SentencePiece model, copied along")
@@ -44,28 +48,27 @@ def main(argv=None) -> None:
     if not args.save and not args.consolidated_dir and not args.to_hf:
         p.error("nothing to do: give --save, --consolidated-dir and/or --to-hf")
     from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
+    from megatron_ls.inference.cli_common import check_at_least
     from megatron_ls.inference.convert import convert
     from megatron_ls.inference.vit_checkpoint import consolidate_vision_checkpoint, is_vision_checkpoint
     from megatron_ls.training.checkpointing import CheckpointError
 
+    check_at_least("--target-tensor-parallel-size", args.target_tensor_parallel_size, 1)
+    check_at_least("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size, 1)
+    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file),
+                       ("--tokenizer-model", args.tokenizer_model)):
+        if path is not None and not os.path.isfile(path):  # given explicitly: not a note, an error
+            raise ValueError(f"{flag} {path}: no such file")
     if is_vision_checkpoint(args.load):  # ViT-LS / ViL-LS (pretrain_vit_ls.py): consolidation only
         if args.save or args.to_hf or not args.consolidated_dir:
             p.error("vision checkpoints convert with --consolidated-dir only (no --save re-sharding, no --to-hf)")
-        try:
-            print(f" wrote consolidated: {consolidate_vision_checkpoint(args.load, args.consolidated_dir)}")
-        except (CheckpointError, InferenceCheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+        print(f" wrote consolidated: {consolidate_vision_checkpoint(args.load, args.consolidated_dir)}")
         return
-    try:
-        written = convert(args.load, save_dir=args.save, target_tp=args.target_tensor_parallel_size,
-                          target_pp=args.target_pipeline_model_parallel_size,
-                          consolidated_dir=args.consolidated_dir, hf_dir=args.to_hf, hf_dtype=args.hf_dtype,
-                          hf_tokenizer={"tokenizer_type": args.tokenizer_type, "vocab_file": args.vocab_file,
-                                        "merge_file": args.merge_file, "tokenizer_model": args.tokenizer_model})
-    except (CheckpointError, InferenceCheckpointError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    written = convert(args.load, save_dir=args.save, target_tp=args.target_tensor_parallel_size,
+                      target_pp=args.target_pipeline_model_parallel_size,
+                      consolidated_dir=args.consolidated_dir, hf_dir=args.to_hf, hf_dtype=args.hf_dtype,
+                      hf_tokenizer={"tokenizer_type": args.tokenizer_type, "vocab_file": args.vocab_file,
+                                    "merge_file": args.merge_file, "tokenizer_model": args.tokenizer_model})
     for note in written.pop("notes", []):
         print(f" {note}")
     for kind, path in written.items():
@@ -95,5 +98,12 @@ def carry_optimizer_state(load_dir: str, save_dir: str, tp: int, pp: int) -> boo
     return reshard_optimizer_states(load_dir, save_dir, shapes, partition_dims(config), model, tp, pp)
 
 
+def cli() -> None:
+    """Command-line entry: known failures end in one line ``error: ...`` and exit status 1."""
+    from megatron_ls.training.faults import run_tool
+
+    run_tool(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_ls.arguments import FriendlyArgumentParser
+
+    p = FriendlyArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="training checkpoint directory or consolidated directory")
     p.add_argument("--data-path", required=True, help="ImageFolder root or IDX (Fashion-MNIST) directory")
     p.add_argument("--split", default="test", choices=("valid", "test"),
@@ -34,25 +36,25 @@ def main(argv=None) -> dict:
 
     from megatron_ls.data.image_dataset import ImageClassificationDataset, ImageCollator, open_sources
     from megatron_ls.data.image_transforms import ImageTransform, default_normalisation
-    from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
+    from megatron_ls.inference.cli_common import check_at_least, check_output_file
     from megatron_ls.inference.vit_checkpoint import load_vision_model
     from megatron_ls.training.image_eval import classification_stats
 
-    try:
-        model, vision, metadata = load_vision_model(args.load)
-        data = metadata.get("image_data", {})
-        _, valid, test = open_sources(args.data_path, num_classes=vision.num_classes,
-                                      num_channels=vision.num_channels,
-                                      bad_image=args.bad_image or data.get("bad_image", "fail"))
-    except (InferenceCheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    check_at_least("--micro-batch-size", args.micro_batch_size, 1)
+    check_at_least("--max-images", args.max_images, 1)
+    check_output_file("--results-json", args.results_json)
+    model, vision, metadata = load_vision_model(args.load)
+    data = metadata.get("image_data", {})
+    _, valid, test = open_sources(args.data_path, num_classes=vision.num_classes, num_channels=vision.num_channels,
+                                  bad_image=args.bad_image or data.get("bad_image", "fail"))
     mean, std = default_normalisation(vision.num_channels)
     transform = ImageTransform(size=(vision.img_h, vision.img_w), train=False,
                                mean=tuple(data.get("image_mean") or mean), std=tuple(data.get("image_std") or std),
                                eval_crop_fraction=data.get("eval_crop_fraction", 0.875))
     dataset = ImageClassificationDataset(valid if args.split == "valid" else test, transform, seed=0)
     total = min(len(dataset), args.max_images or len(dataset))
+    if total == 0:
+        raise ValueError(f"--data-path {args.data_path}: the {args.split} split holds no images")
     collate = ImageCollator()
     stats = torch.zeros(4, dtype=torch.float64)
     start = time.time()
@@ -72,5 +74,12 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli() -> None:
+    """Command-line entry: known failures end in one line ``error: ...`` and exit status 1."""
+    from megatron_ls.training.faults import run_tool
+
+    run_tool(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

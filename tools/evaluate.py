@@ -21,7 +21,9 @@ import torch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_ls.arguments import FriendlyArgumentParser
+
+    p = FriendlyArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True,
                    help="consolidated dir (convert_checkpoint.py) or a TP1/PP1 --save dir (any DP/CP)")
     p.add_argument("--data-path", required=True, help="dataset prefix (.bin/.idx)")
@@ -46,6 +48,20 @@ def split_token_stream(data_path: str, split: str, part: str) -> np.ndarray:
     if bounds is None or bounds[1] <= bounds[0]:
         raise ValueError(f"--split {split}: the {part} part of {data_path} has no documents")
     return np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(*bounds)])
+
+
+def model_vocabulary(metadata: dict, config, load: str) -> tuple[int, str]:
+    """(ids the model was trained on, where that number comes from): the checkpoint's tokenizer when it recorded
+    one (as training checks), else the rows of the embedding table."""
+    from megatron_ls.inference.loading import build_inference_tokenizer, tokenizer_settings
+
+    kind = tokenizer_settings(metadata).get("tokenizer_type")
+    if kind:
+        try:
+            return build_inference_tokenizer(metadata, config).vocab_size, f"--tokenizer-type {kind} of {load}"
+        except ValueError:
+            pass  # its tokenizer files are gone: the embedding table still bounds the ids
+    return config.vocab_size, f"the embedding table of {load}"
 
 
 @torch.no_grad()
@@ -76,19 +92,31 @@ def sliding_nll(model, tokens: np.ndarray, window: int, stride: int, device) -> 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from megatron_ls.data.token_check import check_token_ids
     from megatron_ls.inference.checkpoint_io import load_gpt_model
+    from megatron_ls.inference.cli_common import check_at_least, check_output_file
 
+    check_at_least("--eval-seq-length", args.eval_seq_length, 2)
+    check_at_least("--stride", args.stride, 1)
+    check_at_least("--max-tokens", args.max_tokens, 2)  # one prediction needs two tokens
+    check_output_file("--json", args.json)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, metadata = load_gpt_model(args.load, device=device, dtype=torch.bfloat16 if args.bf16 else None)
     split = args.split or metadata.get("args", {}).get("data", {}).get("split") or "969,30,1"
-    window = args.eval_seq_length or config.seq_length
+    window = args.eval_seq_length if args.eval_seq_length is not None else config.seq_length
     if config.position_embedding_type == "learned" and window > config.max_position_embeddings:
         raise ValueError(f"--eval-seq-length {window} exceeds the {config.max_position_embeddings} learned positions "
                          f"of {args.load}; evaluate at most {config.max_position_embeddings} tokens per window, or "
                          f"train with --position-embedding-type rope (or none) to evaluate longer windows")
+    # The check training does: an id outside the vocabulary crashes the embedding or, if the table is padded,
+    # scores a token the model never saw.
+    check_token_ids([args.data_path], *model_vocabulary(metadata, config, args.load))
     tokens = split_token_stream(args.data_path, split, args.split_part)
-    if args.max_tokens:
+    if args.max_tokens is not None:
         tokens = tokens[:args.max_tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"the {args.split_part} part of {args.data_path} holds {len(tokens)} token(s): nothing to "
+                         f"predict")
     start = time.perf_counter()
     nll, count = sliding_nll(model, tokens, window, min(args.stride, window - 1), device)
     loss = nll / count
@@ -106,13 +134,9 @@ def main(argv=None) -> dict:
 
 def cli() -> None:
     """Command-line entry: known failures end in one line ``error: ...`` and exit status 1."""
-    from megatron_ls.checkpoint_files import CheckpointError
-    from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
+    from megatron_ls.training.faults import run_tool
 
-    try:
-        main()
-    except (ValueError, CheckpointError, InferenceCheckpointError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    run_tool(main)
 
 
 if __name__ == "__main__":

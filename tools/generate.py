@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_ls.arguments import FriendlyArgumentParser
     from megatron_ls.inference.cli_common import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FriendlyArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
@@ -48,8 +49,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise ValueError(f"--prompt-file {args.prompt_file}: no such file")
-        with open(args.prompt_file, encoding="utf-8") as fh:
-            lines = [line.rstrip("\n") for line in fh]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as fh:
+                lines = [line.rstrip("\n") for line in fh]
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {exc.start})") from None
         if args.prompt_file.endswith(".jsonl"):
             for n, line in enumerate(lines, 1):
                 if not line.strip():
@@ -69,44 +73,46 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
-    from megatron_ls.inference.cli_common import load_from_args
+    from megatron_ls.inference.cli_common import check_at_least, check_output_file, load_from_args
     from megatron_ls.inference.generation import generate
 
-    try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        prompts = read_prompts(args)
-        model, config, tok = load_from_args(args)
-        rows = [([tok.eod] if args.add_bos else []) + tok.tokenize(p) for p in prompts]
-        results = []
-        for start in range(0, len(rows), args.batch_size):
-            t0 = time.perf_counter()
-            out = generate(model, rows[start:start + args.batch_size], args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           greedy=args.greedy, seed=args.seed, eod_id=None if args.no_stop_at_eod else tok.eod,
-                           stop_strings=args.stop, detokenize=tok.detokenize, return_logprobs=args.logprobs,
-                           vocab_size=tok.vocab_size)
-            seconds = time.perf_counter() - t0
-            for j, gen in enumerate(out.generated):
-                i = start + j
-                text = tok.detokenize(gen)
-                print(f"--- prompt {i + 1}/{len(prompts)} | {out.prompt_lengths[j]} prompt + {len(gen)} new tokens "
-                      f"| stop: {out.finish_reasons[j]} | batch {seconds:.2f} s")
-                print(prompts[i] + text, flush=True)
-                entry = {"prompt": prompts[i], "continuation": text, "tokens": out.tokens[j],
-                         "prompt_tokens": out.prompt_lengths[j], "finish_reason": out.finish_reasons[j]}
-                if args.logprobs:
-                    entry["logprobs"] = out.logprobs[j]
-                results.append(entry)
-    except (ValueError, InferenceCheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_output_file("--json", args.json)
+    prompts = read_prompts(args)
+    model, config, tok = load_from_args(args)
+    rows = [([tok.eod] if args.add_bos else []) + tok.tokenize(p) for p in prompts]
+    results = []
+    for start in range(0, len(rows), args.batch_size):
+        t0 = time.perf_counter()
+        out = generate(model, rows[start:start + args.batch_size], args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       greedy=args.greedy, seed=args.seed, eod_id=None if args.no_stop_at_eod else tok.eod,
+                       stop_strings=args.stop, detokenize=tok.detokenize, return_logprobs=args.logprobs,
+                       vocab_size=tok.vocab_size)
+        seconds = time.perf_counter() - t0
+        for j, gen in enumerate(out.generated):
+            i = start + j
+            text = tok.detokenize(gen)
+            print(f"--- prompt {i + 1}/{len(prompts)} | {out.prompt_lengths[j]} prompt + {len(gen)} new tokens "
+                  f"| stop: {out.finish_reasons[j]} | batch {seconds:.2f} s")
+            print(prompts[i] + text, flush=True)
+            entry = {"prompt": prompts[i], "continuation": text, "tokens": out.tokens[j],
+                     "prompt_tokens": out.prompt_lengths[j], "finish_reason": out.finish_reasons[j]}
+            if args.logprobs:
+                entry["logprobs"] = out.logprobs[j]
+            results.append(entry)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
     return results
 
 
+def cli() -> None:
+    """Command-line entry: known failures end in one line ``error: ...`` and exit status 1."""
+    from megatron_ls.training.faults import run_tool
+
+    run_tool(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

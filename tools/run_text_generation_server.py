@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_ls.arguments import FriendlyArgumentParser
     from megatron_ls.inference.cli_common import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FriendlyArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
@@ -34,30 +36,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening; a bad address or a port in use is a ValueError naming both
+    flags (werkzeug would print two lines of its own and exit)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} must be in [0, 65535] (0: any free port)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}") from None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from werkzeug.serving import make_server
 
-    from megatron_ls.inference.checkpoint_io import InferenceCheckpointError
-    from megatron_ls.inference.cli_common import load_from_args
+    from megatron_ls.inference.cli_common import check_at_least, load_from_args
     from megatron_ls.inference.server import TextGenerationService, create_app
 
-    try:
-        model, config, tokenizer = load_from_args(args)
-        table = config.max_position_embeddings if config.position_embedding_type == "learned" else None
-        max_length = args.max_length or table or config.seq_length
-        if max_length < 1 or (table is not None and max_length > table):
-            raise ValueError(f"--max-length {max_length} must be in [1, {table or 'any'}] (the model's learned "
-                             f"position table)")
-        if args.max_prompts < 1:
-            raise ValueError(f"--max-prompts must be >= 1, got {args.max_prompts}")
-    except (ValueError, InferenceCheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    check_at_least("--max-prompts", args.max_prompts, 1)
+    check_at_least("--max-body-bytes", args.max_body_bytes, 1)
+    model, config, tokenizer = load_from_args(args)
+    table = config.max_position_embeddings if config.position_embedding_type == "learned" else None
+    max_length = args.max_length or table or config.seq_length
+    if max_length < 1 or (table is not None and max_length > table):
+        raise ValueError(f"--max-length {max_length} must be in [1, {table or 'any'}] (the model's learned "
+                         f"position table)")
+    sock = listening_socket(args.host, args.port)
     service = TextGenerationService(model, tokenizer, max_length=max_length, max_prompts=args.max_prompts)
     app = create_app(service, max_body_bytes=args.max_body_bytes)
-    server = make_server(args.host, args.port, app, threaded=True)
-    print(f"Serving on http://{args.host}:{server.server_port} (PUT /api; max length {max_length} tokens, "
+    server = make_server(args.host, sock.getsockname()[1], app, threaded=True, fd=sock.fileno())
+    sock.close()  # the server holds its own descriptor of the socket
+    print(f"Serving on http://{args.host}:{server.port} (PUT /api; max length {max_length} tokens, "
           f"tokenizer {type(tokenizer).__name__})", flush=True)
     try:
         server.serve_forever()
@@ -67,5 +78,12 @@ def main(argv=None) -> None:
         server.server_close()
 
 
+def cli() -> None:
+    """Command-line entry: known failures end in one line ``error: ...`` and exit status 1."""
+    from megatron_ls.training.faults import run_tool
+
+    run_tool(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -43,7 +43,7 @@ def read_meta(prefix: str) -> dict:
     path = f"{prefix}_meta.json"
     if not os.path.isfile(path):
         raise ClassificationDataError(f"--data-path {prefix}: no {path} (generate the data first, e.g. "
-                                      f"tools/generate_listops.py --output-prefix {prefix})")
+                                      f"tools/generate_task_data.py --task LISTOPS --output-prefix {prefix})")
     with open(path) as fh:
         meta = json.load(fh)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -112,8 +112,11 @@ class ClassificationDataset:
                                           f"{self.tokens.num_documents} documents in {base}.idx")
         if len(self.tokens) != self.tokens.num_documents:
             raise ClassificationDataError(f"{base}.idx: expected one sequence per document")
-        if self.labels.size and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.meta["num_classes"]:
-            raise ClassificationDataError(f"{labels_path}: labels outside [0, {self.meta['num_classes']})")
+        classes = int(self.meta["num_classes"])
+        if self.labels.size and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < classes:
+            bad = int(self.labels.max()) if int(self.labels.max()) >= classes else int(self.labels.min())
+            raise ClassificationDataError(f"{labels_path} holds label {bad}, outside the {classes} classes of "
+                                          f"{prefix}_meta.json (num_classes); regenerate the data or fix its labels")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -56,7 +56,9 @@ class PreprocessSummary:
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the preprocessing flags (Megatron's names)."""
-    p = argparse.ArgumentParser(description="Tokenize a JSONL corpus into Megatron .bin/.idx files.")
+    from megatron_ls.arguments import FriendlyArgumentParser  # one-line flag errors, as the training entries
+
+    p = FriendlyArgumentParser(description="Tokenize a JSONL corpus into Megatron .bin/.idx files.")
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, help="JSONL file, one JSON object per line (may be gzip-compressed)")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")

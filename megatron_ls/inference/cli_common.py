@@ -1,7 +1,10 @@
-"""Command-line pieces shared by ``tools/generate.py`` and ``tools/run_text_generation_server.py``."""
+"""Command-line pieces shared by the inference tools (``tools/generate.py``, ``tools/run_text_generation_server.py``,
+``tools/evaluate.py``, ``tools/eval_image_classifier.py``): model flags and the checks of flag values."""
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Optional
 
 import torch
 
@@ -26,10 +29,28 @@ def resolve_device(name: str | None) -> torch.device:
     """The device for ``--device`` (a clear error when CUDA is asked for but absent)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def check_output_file(flag: str, path: Optional[str]) -> None:
+    """Refuse an output file whose directory does not exist, before any work is done."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag} {path}: directory {directory} does not exist")
+
+
+def check_at_least(flag: str, value: Optional[int], low: int) -> None:
+    """Refuse a numeric flag below ``low`` (None = not given)."""
+    if value is not None and value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
 
 
 def load_from_args(args: argparse.Namespace):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_ls.parallel import timeouts
 from megatron_ls.parallel.launch_env import discover_mpi_launch, free_port
 from megatron_ls.parallel.topology import RankLayout, build_rank_layout, check_parallel_sizes
 
@@ -71,7 +72,8 @@ def initialize_distributed(backend: str | None = None, timeout_s: float = 300,
     a free local port. ``backend`` defaults to nccl with CUDA, gloo without.
     The CUDA device is set from LOCAL_RANK. If the rendezvous at MASTER_ADDR:MASTER_PORT cannot be completed
     within ``timeout_s`` seconds a RuntimeError is raised. Collectives afterwards time out after
-    ``collective_timeout_s`` (default 30 min).
+    ``collective_timeout_s`` (default 30 min), in this group and in every group made here later
+    (:mod:`megatron_ls.parallel.timeouts`; with NCCL its watchdog enforces it).
     """
     if dist.is_initialized():
         return
@@ -104,15 +106,16 @@ def initialize_distributed(backend: str | None = None, timeout_s: float = 300,
                                f"MASTER_PORT")
     addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     rdzv_timeout = datetime.timedelta(seconds=float(timeout_s))
-    pg_timeout = datetime.timedelta(seconds=float(collective_timeout_s or max(DEFAULT_COLLECTIVE_TIMEOUT_S,
-                                                                               timeout_s)))
+    pg_timeout = timeouts.set_collective_timeout(collective_timeout_s
+                                                 or max(DEFAULT_COLLECTIVE_TIMEOUT_S, timeout_s))
+    timeouts.apply_backend_environment(backend)  # NCCL reads its error handling mode when the group is made
     try:
         # Rendezvous first (TCPStore, honours torchrun's agent store), bounded by timeout_s; rank 0's
         # store waits for all WORLD_SIZE clients, so a missing peer also ends in an error, not a hang.
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=rdzv_timeout))
         store.set_timeout(pg_timeout)
         dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), rank=rank,
-                                world_size=world, timeout=pg_timeout)
+                                world_size=world, **timeouts.group_kwargs())
     except Exception as exc:  # noqa: BLE001 - re-raised with the launch context
         raise RuntimeError(
             f"torch.distributed rendezvous failed for rank {rank}/{world} at MASTER_ADDR={addr} "
@@ -157,7 +160,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     for kind in ("tensor", "pipeline", "data", "context", "model", "data_context", "embedding"):
         for ranks in getattr(layout, kind):
             # Every rank must call new_group for every group, in the same order.
-            group = dist.new_group(ranks=ranks)
+            group = dist.new_group(ranks=ranks, **timeouts.group_kwargs())
             if rank in ranks:
                 _GROUPS[kind] = group
                 _RANKS[kind] = list(ranks)

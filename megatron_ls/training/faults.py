@@ -2,22 +2,27 @@
 
 * :func:`set_phase` records what this process is doing ("training iteration 12", "saving checkpoint ..."), so an
   error raised deep inside a collective can be reported with the step it interrupted.
-* :func:`bound_collective_timeouts` gives every process group this rank belongs to (ours, DeepSpeed's pipeline
-  groups) the ``--distributed-timeout-minutes`` timeout: torch gives groups made by ``new_group`` 30 minutes
-  whatever the default group has. gloo then raises from the stuck collective; NCCL's watchdog
-  (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default) aborts the process after the same time.
+* :func:`bound_collective_timeouts` gives every process group this rank belongs to the
+  ``--distributed-timeout-minutes`` timeout, including groups made without it (DeepSpeed's pipeline groups;
+  ours get it when they are made, ``parallel/timeouts.py``). gloo then raises from the stuck collective; NCCL's
+  watchdog (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, set to 3 unless the user chose a mode) aborts the process after
+  the same time.
 * :class:`NonFiniteTracker` turns a run of skipped non-finite steps into one :class:`NumericsError`.
-* :func:`describe_failure` maps the failure classes users meet to one line; anything else is a bug and keeps its
-  traceback.
+* :func:`describe_failure` maps the failure classes users meet to one line, :func:`error_line` adds the user's
+  own mistakes (flags, files, data); anything else is a bug and keeps its traceback. :func:`run_tool` applies
+  this to the one-process tools (``tools/*.py``); ``training/pretrain.run_main`` to the training entry points.
 """
 from __future__ import annotations
 
 import datetime
 import math
 import os
-from typing import Optional
+import sys
+from typing import Callable, Optional, TypeVar
 
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 _PHASE = "start-up"
 _TIMEOUT_MINUTES: Optional[float] = None
@@ -39,11 +44,6 @@ def set_phase(text: str) -> None:
 
 def phase() -> str:
     return _PHASE
-
-
-def nccl_environment() -> None:
-    """NCCL: tear the process down when a collective exceeds the group timeout (torch's default, made explicit)."""
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
 
 
 def bound_collective_timeouts(minutes: float) -> int:
@@ -75,14 +75,16 @@ class NonFiniteTracker:
     the optimizer (weights and LR schedule unchanged) and counted here.
     """
 
-    def __init__(self, limit: int, loss_scaling: bool) -> None:
+    def __init__(self, limit: int, loss_scaling: bool, loss_name: str = "lm loss") -> None:
         self.limit = max(1, int(limit))
         self.loss_scaling = loss_scaling
+        self.loss_name = loss_name
         self.consecutive = 0
 
     def update(self, iteration: int, loss: float, grad_norm: Optional[float], skipped: bool) -> None:
+        """Account for one finished iteration; raises :class:`NumericsError` when training must stop."""
         bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
-        values = f"lm loss {loss:.6E}, grad norm {grad_norm if grad_norm is not None else 'n/a'}"
+        values = f"{self.loss_name} {loss:.6E}, grad norm {grad_norm if grad_norm is not None else 'n/a'}"
         if bad and not skipped:
             raise NumericsError(f"iteration {iteration}: {values} is not finite and the optimizer step was not "
                                 f"skipped; the weights are no longer usable: lower --lr or check the data, and "
@@ -106,6 +108,32 @@ def one_line(text: str, limit: int = 1200) -> str:
 
 def _rank_text() -> str:
     return f"rank {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "rank 0"
+
+
+def error_line(exc: BaseException) -> Optional[str]:
+    """One line for a failure the user can act on (a bad flag value, file, data set or checkpoint: ValueError,
+    CheckpointError, a missing file) or a known fault (:func:`describe_failure`); None for a bug."""
+    from megatron_ls.checkpoint_files import CheckpointError
+
+    if isinstance(exc, (ValueError, CheckpointError, FileNotFoundError)):
+        return one_line(str(exc))
+    return describe_failure(exc)
+
+
+def run_tool(main: Callable[[], T]) -> T:
+    """Run a one-process tool: a failure :func:`error_line` knows ends in one line ``error: ...`` on stderr and exit
+    status 1; anything else keeps its traceback (a bug)."""
+    try:
+        return main()
+    except Exception as exc:  # noqa: BLE001 - sorted by error_line; SystemExit and KeyboardInterrupt pass
+        if isinstance(exc, OSError) and exc.errno is not None:  # one process: no rank or phase to name
+            line = f"{os.strerror(exc.errno)}: {exc.filename or one_line(str(exc))}"
+        else:
+            line = error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def describe_failure(exc: BaseException) -> Optional[str]:

@@ -39,8 +39,8 @@ def initialize_megatron_ls(tensor_model_parallel_size: int = 1, pipeline_model_p
     from megatron_ls.parallel.random import model_parallel_manual_seed
     from megatron_ls.training import faults
 
-    faults.nccl_environment()
-    # --distributed-timeout-minutes bounds the rendezvous and every collective (not torch's 30-minute default).
+    # --distributed-timeout-minutes bounds the rendezvous and every collective (not torch's 30-minute default);
+    # with NCCL, initialize_distributed also switches on the watchdog's error handling (parallel/timeouts.py).
     ps.initialize_distributed(backend=backend, timeout_s=timeout_minutes * 60,
                               collective_timeout_s=timeout_minutes * 60)
     import deepspeed

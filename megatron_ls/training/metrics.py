@@ -56,7 +56,10 @@ class TensorboardWriter:
         if log_dir and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
+            try:
+                self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
+            except OSError as exc:
+                raise ValueError(f"--tensorboard-dir {log_dir}: cannot create it: {exc.strerror or exc}") from None
 
     def scalars(self, values: dict, step: int) -> None:
         if self.writer is None:

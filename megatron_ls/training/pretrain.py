@@ -46,6 +46,19 @@ def _num_samples(args: Arguments) -> tuple[int, int, int]:
     return train, evals * lg.eval_iters * gbs, lg.eval_iters * gbs
 
 
+def check_precision_supported(training: Any) -> None:
+    """``--fp16`` / ``--bf16`` the DeepSpeed accelerator of this machine cannot train in, as a ConfigError."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if training.fp16 and not accelerator.is_fp16_supported():
+        raise ConfigError(f"--fp16: DeepSpeed's {accelerator.device_name()} accelerator does not support float16 "
+                          f"training on this machine; use --bf16")
+    if training.bf16 and not accelerator.is_bf16_supported():
+        raise ConfigError(f"--bf16: DeepSpeed's {accelerator.device_name()} accelerator does not support bfloat16 "
+                          f"training on this machine; use --fp16")
+
+
 def pretrain(args: Arguments, model_provider: ModelProvider,
              datasets_provider: DatasetsProvider, *, byte_level: Optional[bool] = None,
              task: Optional[Task] = None) -> dict:
@@ -62,20 +75,12 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                            backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
                            seed=args.model.seed, context_parallel_layout=p.context_parallel_layout)
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     from megatron_ls.parallel import state as ps
     from megatron_ls.parallel.context_parallel import get_context_layout
     from megatron_ls.training.deepspeed_mpu import deepspeed_mpu
 
-    accelerator = get_accelerator()
-    if t.fp16 and not accelerator.is_fp16_supported():
-        raise ConfigError(f"--fp16: DeepSpeed's {accelerator.device_name()} accelerator does not support float16 "
-                          f"training on this machine; use --bf16")
-    if t.bf16 and not accelerator.is_bf16_supported():
-        raise ConfigError(f"--bf16: DeepSpeed's {accelerator.device_name()} accelerator does not support bfloat16 "
-                          f"training on this machine; use --fp16")
-
+    check_precision_supported(t)
     world = dist.get_world_size()
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     cp_size = ps.get_context_parallel_world_size()
@@ -184,7 +189,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     interval_start = time.perf_counter()
     skipped_total = 0
     exited_early = False
-    nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
+    nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16, loss_name=task.loss_name)
     while iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr  # the rate this step uses (the scheduler moves on inside the step)
@@ -240,16 +245,12 @@ def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a clean shutdown on success; on a known failure one line ``error: ...`` on stderr and
     exit status 1 (a traceback only for what is not a known failure class, i.e. a bug); never a barrier after a
     failure, since the peers may be gone."""
-    from megatron_ls.config import ConfigError
-    from megatron_ls.training.checkpointing import CheckpointError
-
     try:
         main()
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure ends here, known ones in one line
-        known = isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
-        line = faults.one_line(str(exc)) if known else faults.describe_failure(exc)
+        line = faults.error_line(exc)
         if line is None:
             traceback.print_exc()
         elif not getattr(exc, "all_ranks", False) or not dist.is_initialized() or dist.get_rank() == 0:

@@ -1,7 +1,8 @@
 """Faults end to end (issue 9): a re-run never rewrites its live checkpoint and a kill -9 during a re-save leaves
-it loadable, a full disk is one line, out-of-vocabulary data is refused at TP1 and TP2, a frozen peer ends the job
-within --distributed-timeout-minutes, a diverging loss stops in one line, and a checkpoint resumes at another
-ZeRO stage, data-parallel size or (re-sharded) tensor-parallel size continuing the same loss curve."""
+it loadable, a full disk is one line, out-of-vocabulary data is refused at TP1 and TP2 (and by tools/evaluate.py
+and tasks/main.py), a frozen peer ends the job within --distributed-timeout-minutes, a diverging loss stops in one
+line (pretraining and classification), and a checkpoint resumes at another ZeRO stage, data-parallel size or
+(re-sharded) tensor-parallel size continuing the same loss curve."""
 from __future__ import annotations
 
 import hashlib
@@ -184,6 +185,58 @@ def test_diverging_loss_stops_in_one_line_after_the_skipped_steps(corpus_prefix)
     assert "number of skipped iterations: 1 |" in proc.stdout
     line = _one_error_line(proc.stderr)
     assert "iteration 3: 2 consecutive iteration(s) with a non-finite loss" in line
+
+
+def test_evaluate_refuses_token_ids_outside_the_vocabulary(corpus_prefix, finished, tmp_path):
+    # Before: tools/evaluate.py scored the data (ids inside the padded table) or died with an IndexError.
+    prefix = _out_of_vocabulary_copy(corpus_prefix, tmp_path)
+    proc = run_cli([sys.executable, "tools/evaluate.py", "--load", str(finished), "--data-path", prefix], check=False)
+    assert proc.returncode == 1
+    assert ("oov_text_document.bin holds token id 300, outside the vocabulary of 257 ids (--tokenizer-type "
+            f"ByteTokenizer of {finished})") in _one_error_line(proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def listops_prefix(tmp_path_factory) -> str:
+    prefix = tmp_path_factory.mktemp("listops") / "lo"
+    run_cli([sys.executable, "tools/generate_task_data.py", "--task", "LISTOPS", "--output-prefix", str(prefix),
+             "--train-samples", "32", "--valid-samples", "8", "--test-samples", "8", "--min-length", "20",
+             "--max-length", "60", "--seed", "5"])
+    return str(prefix)
+
+
+def _tasks_cmd(prefix: str, *extra: str) -> list:
+    return [sys.executable, "tasks/main.py", "--task", "LISTOPS", "--data-path", prefix, "--num-layers", "1",
+            "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "64", "--window-size", "8",
+            "--projection-rank", "2", "--micro-batch-size", "4", "--log-interval", "1", "--eval-iters", "1", *extra]
+
+
+def test_classification_diverging_loss_is_skipped_counted_and_stops_in_one_line(listops_prefix):
+    # Before: tasks/main.py trained on through NaN losses (skipped steps never stopped it) and a non-finite loss
+    # of a step that was not skipped raised its own FloatingPointError.
+    proc = run_cli(_tasks_cmd(listops_prefix, "--train-iters", "8", "--lr", "1e6", "--nonfinite-steps-limit", "2"),
+                   check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "number of skipped iterations: 1 |" in proc.stdout
+    line = _one_error_line(proc.stderr)
+    assert line.startswith("error: rank 0: iteration 3: 2 consecutive iteration(s) with a non-finite loss"), line
+
+
+def test_classification_token_ids_outside_the_task_vocabulary_are_refused(listops_prefix, tmp_path):
+    # Before: trained silently (ids past the 17-token ListOps vocabulary index the padded embedding rows).
+    copy = tmp_path / "lo"
+    for path in Path(listops_prefix).parent.iterdir():
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    from megatron_ls.data.indexed_dataset import IndexedDataset
+
+    tokens = np.fromfile(f"{copy}_train.bin", dtype=IndexedDataset(f"{copy}_train").tokens.dtype)
+    tokens[5] = 40
+    tokens.tofile(f"{copy}_train.bin")
+    proc = run_cli(_tasks_cmd(str(copy), "--train-iters", "1"), check=False)
+    assert proc.returncode == 1
+    assert (f"{copy}_train.bin holds token id 40, outside the vocabulary of 17 ids (the vocab of {copy}_meta.json)"
+            in _one_error_line(proc.stderr))
 
 
 @pytest.fixture(scope="module")

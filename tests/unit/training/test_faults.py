@@ -2,6 +2,7 @@
 token-id check, non-finite steps, resume refusals, and the one-line descriptions of distributed failures."""
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
@@ -170,6 +171,65 @@ def test_collective_timeouts_follow_the_flag_for_every_group(tmp_path):
         assert faults.bound_collective_timeouts(0.5) >= 2
     finally:
         dist.destroy_process_group()
+
+
+def test_nccl_groups_get_the_flag_timeout_and_the_watchdog_error_handling(monkeypatch):
+    from megatron_ls.parallel import timeouts
+
+    variable = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+    assert timeouts.backend_environment("nccl", {}) == {variable: "3"}
+    assert timeouts.backend_environment("cpu:gloo,cuda:nccl", {}) == {variable: "3"}
+    assert timeouts.backend_environment("gloo", {}) == {}
+    for user_set in ({variable: "1"}, {"NCCL_ASYNC_ERROR_HANDLING": "0"}):  # the user's choice stands
+        assert timeouts.backend_environment("nccl", user_set) == {}
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    assert timeouts.apply_backend_environment("nccl") == {variable: "3"} and os.environ[variable] == "3"
+    monkeypatch.setattr(timeouts, "_TIMEOUT", None)
+    assert timeouts.group_kwargs() == {}
+    timeouts.set_collective_timeout(0.5 * 60)
+    assert timeouts.group_kwargs() == {"timeout": datetime.timedelta(seconds=30)}
+
+
+def test_every_group_is_made_with_the_collective_timeout(monkeypatch):
+    """initialize_distributed / initialize_model_parallel pass the timeout to init_process_group and new_group
+    (before: new_group fell back to torch's 30 minutes; only a later pass over the groups fixed gloo's)."""
+    import torch.distributed as dist
+
+    from megatron_ls.parallel import state as ps
+    from megatron_ls.parallel import timeouts
+    from megatron_ls.parallel.launch_env import free_port
+
+    monkeypatch.setattr(timeouts, "_TIMEOUT", None)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port("127.0.0.1"))), ("RANK", "0"),
+                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    ps.initialize_distributed(backend="gloo", timeout_s=30, collective_timeout_s=30)
+    try:
+        ps.initialize_model_parallel(1, 1, 1)
+        groups = [dist.distributed_c10d._get_default_group()] + list(ps._GROUPS.values())
+        assert len(groups) >= 8
+        for group in groups:
+            assert group._get_backend(torch.device("cpu")).options._timeout == datetime.timedelta(seconds=30)
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_classification_labels_outside_the_classes_name_the_file_and_the_label(tmp_path):
+    from megatron_ls.data.classification_dataset import (ClassificationDataError, ClassificationDataset,
+                                                         ClassificationWriter, write_meta)
+
+    prefix = str(tmp_path / "task")
+    writer = ClassificationWriter(prefix, "train", vocab_size=8, jsonl=False)
+    for label in (1, 12, 3):
+        writer.add(np.array([2, 3, 4]), label)
+    writer.finalize()
+    write_meta(prefix, task="LISTOPS", vocab=list("abcdefgh"), pad_id=0, cls_id=1, num_classes=10,
+               splits={"train": 3})
+    with pytest.raises(ClassificationDataError, match=r"task_train_labels\.npy holds label 12, outside the 10 "
+                                                      r"classes of .*task_meta\.json"):
+        ClassificationDataset(prefix, "train")
 
 
 def _metadata(tmp_path, **model) -> str:
