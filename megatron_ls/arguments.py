@@ -122,6 +122,9 @@ def build_parser(description: str = "megatron_ls",
                           default=int(os.environ.get("LOCAL_RANK", 0)), help="Set by the launcher.")
     if extra_args_provider is not None:
         extra_args_provider(parser)
+        for action in parser._actions:  # an entry's own flags: FLAG_NAME in --help, not the EXTRA.x dest
+            if action.option_strings and action.metavar is None and action.nargs != 0 and not action.choices:
+                action.metavar = action.option_strings[0].lstrip("-").replace("-", "_").upper()
     return parser
 
 

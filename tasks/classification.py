@@ -171,8 +171,13 @@ def train_classification(args: Arguments) -> dict:
                                 pad_id=pad_id, cls_id=cls_id, cls_init_std=e.cls_init_std)
     max_tokens = model.max_tokens
     if ck.load:
-        checkpointing.check_compatible(ck.load, args.model)
+        faults.set_phase(f"checking --load {ck.load}")
+        # The pretraining checks: attention changes need --finetune or --allow-attention-change, and a checkpoint
+        # past --train-iters is refused (as a resume) rather than only evaluated.
+        checkpointing.check_compatible(ck.load, args.model, finetune=ck.finetune,
+                                       allow_attention_change=ck.allow_attention_change)
         checkpointing.check_layout_change(ck.load, p, dp_size, load_optimizer=not (ck.no_load_optim or ck.finetune))
+        checkpointing.check_resume_position(ck.load, t.train_iters, finetune=ck.finetune)
         _check_task_checkpoint(ck.load, task_meta)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)

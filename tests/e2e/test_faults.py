@@ -239,6 +239,21 @@ def test_classification_token_ids_outside_the_task_vocabulary_are_refused(listop
             in _one_error_line(proc.stderr))
 
 
+@pytest.mark.slow
+def test_classification_resume_checks_are_the_pretraining_ones(listops_prefix, tmp_path):
+    # Before: a checkpoint past --train-iters was silently only evaluated, and --allow-attention-change (which the
+    # refusal suggests) was ignored.
+    ckpt = tmp_path / "ckpt"
+    run_cli(_tasks_cmd(listops_prefix, "--train-iters", "2", "--save", str(ckpt)))
+    past = run_cli(_tasks_cmd(listops_prefix, "--train-iters", "1", "--load", str(ckpt)), check=False)
+    assert past.returncode == 1
+    assert f"--load {ckpt} is at iteration 2, past --train-iters 1" in _one_error_line(past.stderr)
+    changed = run_cli(_tasks_cmd(listops_prefix, "--train-iters", "2", "--load", str(ckpt), "--window-size", "4",
+                                 "--allow-attention-change"), check=False)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "loaded checkpoint from" in changed.stdout
+
+
 @pytest.fixture(scope="module")
 def zero1_checkpoint(corpus_prefix, tmp_path_factory) -> Path:
     """A one-process ZeRO-1 run stopped (and saved) at iteration 2 of 4."""

@@ -154,6 +154,18 @@ def test_unknown_flag_or_choice_is_one_line_with_the_nearest(argv, expected, cap
     assert err.count("\n") == 1 and "usage:" not in err
 
 
+@pytest.mark.parametrize("entry", ["tasks.main:task_args", "pretrain_vit_ls:vision_args"])
+def test_entry_flags_have_no_placeholder_metavars(entry):
+    import importlib
+
+    from megatron_ls.arguments import build_parser
+
+    module, provider = entry.split(":")
+    out = build_parser(extra_args_provider=getattr(importlib.import_module(module), provider)).format_help()
+    assert "EXTRA." not in out and "VISION." not in out, out
+    assert "--results-json RESULTS_JSON" in out
+
+
 def test_help_has_no_placeholder_metavars():
     out = subprocess.run([sys.executable, "pretrain_gpt_ls.py", "--help"], capture_output=True, text=True,
                          check=True).stdout
