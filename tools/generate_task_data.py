@@ -28,7 +28,9 @@ SPLIT_ORDER = ("valid", "test", "train")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], allow_abbrev=False)
+    from megatron_ls.arguments import FriendlyArgumentParser
+
+    parser = FriendlyArgumentParser(description=__doc__.split("\n")[1], allow_abbrev=False)
     parser.add_argument("--task", required=True, choices=("LISTOPS", "FAR_RECALL"))
     parser.add_argument("--output-prefix", required=True, help="e.g. data/listops/listops")
     parser.add_argument("--train-samples", type=int, default=None, help="default 96000 (ListOps), 20000 (probe)")

@@ -8,11 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ls.data.preprocess import PreprocessError  # noqa: E402
 from megatron_ls.data.sample_corpus import main  # noqa: E402
+from megatron_ls.training.faults import run_tool  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PreprocessError as exc:
-        sys.exit(f"error: {exc}")
+    run_tool(main)  # bad flags, data or output directory: one line "error: ...", exit status 1

@@ -11,7 +11,6 @@ contiguous train/valid/test splits all see both sources. The exact text depends 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import json
@@ -98,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     """Build ``{output_dir}/python_docs.jsonl`` and its ``.bin/.idx``; prints and returns the data prefix."""
     from megatron_ls.data.preprocess import main as preprocess_main
 
-    p = argparse.ArgumentParser(description="Write the no-download sample corpus (Python's own docs) and tokenize it.")
+    from megatron_ls.arguments import FriendlyArgumentParser  # one-line flag errors, as the training entries
+
+    p = FriendlyArgumentParser(description="Write the no-download sample corpus (Python's own docs) and tokenize it.")
     p.add_argument("--output-dir", required=True, help="directory for python_docs.jsonl and the .bin/.idx")
     p.add_argument("--tokenizer-type", default="ByteTokenizer",
                    help="as for preprocess_data.py (default: ByteTokenizer)")

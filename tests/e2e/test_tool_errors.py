@@ -41,6 +41,10 @@ CASES = {
                           "--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
     "evaluate-max-tokens": (["tools/evaluate.py", "--load", "{ckpt}", "--data-path", "{tmp}/d", "--max-tokens", "1"],
                             "--max-tokens must be >= 2, got 1"),
+    "sample-corpus-dir": (["tools/prepare_sample_corpus.py", "--output-dir", "/dev/null/corpus"],
+                          "Not a directory: /dev/null/corpus"),
+    "task-data-choice": (["tools/generate_task_data.py", "--task", "LISTOP", "--output-prefix", "{tmp}/t"],
+                         "invalid choice: 'LISTOP' (choose from LISTOPS, FAR_RECALL); did you mean LISTOPS?"),
     "preprocess-choice": (["tools/preprocess_data.py", "--input", "{tmp}/in.jsonl", "--output-prefix", "{tmp}/o",
                            "--tokenizer-type", "BiteTokenizer"], "invalid choice: 'BiteTokenizer'"),
 }
