@@ -184,6 +184,7 @@ def train_classification(args: Arguments) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=deepspeed_mpu(), dist_init_required=False)
     checkpointing.install_safe_checkpoint_engine(engine)
+    faults.bound_collective_timeouts(p.distributed_timeout_minutes)  # any group DeepSpeed made, as pretraining
     steps = build_steps(engine, False, grad_accum, t.bf16, t.fp16)
 
     iteration, consumed = 0, 0
