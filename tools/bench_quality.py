@@ -2,7 +2,8 @@
 and the paper's Figure 2 (left): the norm ratio of window to projected keys/values at initialisation.
 
 Variants (same model otherwise; one process each, one after the other, on the bundled corpus):
-``ls`` (window + projection + DualLN), ``window`` (r = 0), ``projection`` (w = 0), ``full`` (every layer full
+``ls`` (window + projection + DualLN), ``window`` (r = 0; its keys/values still go through LN_L),
+``window-no-ln`` (r = 0 without LN_L: the plain sliding-window baseline for ``ls-no-dualln``), ``projection`` (w = 0), ``full`` (every layer full
 attention), ``masformer-ls`` / ``masformer-window`` (full attention in the last layer, the rest LS / window-only),
 ``ls-no-dualln``, ``ls-dualln-head`` (DualLN per head instead of over the full width).
 
@@ -33,6 +34,7 @@ from tools.bench_common import REPO, device_name, git_commit, git_dirty  # noqa:
 VARIANTS = {
     "ls": [],
     "window": ["--projection-rank", "0"],
+    "window-no-ln": ["--projection-rank", "0", "--no-dual-ln"],  # a plain sliding-window transformer (no LN_L)
     "projection": ["--window-size", "0"],
     "full": ["--full-attention-layers", "ALL"],
     "masformer-ls": ["--full-attention-layers", "LAST"],
