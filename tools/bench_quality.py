@@ -5,7 +5,8 @@ Variants (same model otherwise; one process each, one after the other, on the bu
 ``ls`` (window + projection + DualLN), ``window`` (r = 0; its keys/values still go through LN_L),
 ``window-no-ln`` (r = 0 without LN_L: the plain sliding-window baseline for ``ls-no-dualln``), ``projection``
 (w = 0), ``full`` (every layer full attention), ``masformer-ls`` / ``masformer-window`` (full attention in the
-last layer, the rest LS / window-only), ``ls-no-dualln``, ``ls-dualln-head`` (DualLN per head instead of over the full width).
+last layer, the rest LS / window-only), ``ls-no-dualln``, ``ls-dualln-head`` (DualLN per head instead of over the
+full width).
 
 ``--save-dir DIR`` keeps each checkpoint and adds validation loss by token position (inside the first window,
 the next three windows, the rest): where in the context a variant gains or loses.
