@@ -89,7 +89,12 @@ def attention_keys_per_query(args, name: str) -> float:
     flags = _variant_flags(args, name)
     r = 0 if "--projection-rank" in flags else args.projection_rank
     w = 0 if "--window-size" in flags else w
-    full_layers = len(flags[flags.index("--full-attention-layers") + 1:]) if "--full-attention-layers" in flags else 0
+    full_layers = 0
+    if "--full-attention-layers" in flags:  # the layer numbers that follow the flag (other flags may come after)
+        for item in flags[flags.index("--full-attention-layers") + 1:]:
+            if not item.isdigit():
+                break
+            full_layers += 1
     ls_cost = min(w, n) / 1.0 + r * (n / 2) / l  # window + on average half the chunks
     full_cost = (n + 1) / 2
     return (full_layers * full_cost + (args.num_layers - full_layers) * ls_cost) / args.num_layers

@@ -77,6 +77,7 @@ def main(argv=None) -> list[dict]:
     from megatron_ls.inference.generation import generate
 
     check_at_least("--batch-size", args.batch_size, 1)
+    check_at_least("--max-new-tokens", args.max_new_tokens, 0)
     check_output_file("--json", args.json)
     prompts = read_prompts(args)
     model, config, tok = load_from_args(args)

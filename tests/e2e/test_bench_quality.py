@@ -25,3 +25,13 @@ def test_ablation_benchmark_smoke(corpus_prefix, tmp_path):
         assert [b["positions"] for b in run["position_losses"]] == [[0, 16], [16, 64], [64, 128]]
         assert all(0 < b["loss"] < 10 for b in run["position_losses"])
     assert len(result["norm_ratio_at_init"]["dual_ln"]) == 1
+
+
+def test_attention_cost_counts_only_the_full_layers():
+    from tools.bench_quality import attention_keys_per_query, parse_args
+
+    args = parse_args(["--num-layers", "4", "--seq-length", "1024", "--window-size", "32", "--segment-length", "16",
+                       "--projection-rank", "1"])
+    cost = {v: attention_keys_per_query(args, v) for v in ("ls", "window", "full", "masformer-ls", "masformer-window")}
+    assert cost["ls"] == 64 and cost["window"] == 32 and cost["full"] == 512.5
+    assert cost["masformer-ls"] == (512.5 + 3 * 64) / 4 and cost["masformer-window"] == (512.5 + 3 * 32) / 4
