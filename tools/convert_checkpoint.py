@@ -60,11 +60,13 @@ def main(argv=None) -> None:
         if path is not None and not os.path.isfile(path):  # given explicitly: not a note, an error
             raise ValueError(f"{flag} {path}: no such file")
     for flag, path in (("--save", args.save), ("--consolidated-dir", args.consolidated_dir), ("--to-hf", args.to_hf)):
-        if path is not None:  # fail before the (long) conversion, naming the flag
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                raise ValueError(f"{flag} {path}: cannot create this directory ({exc.strerror})") from exc
+        if path is not None:  # fail before the (long) conversion, naming the flag, without creating anything
+            ancestor = os.path.abspath(path)
+            while not os.path.exists(ancestor):
+                ancestor = os.path.dirname(ancestor)
+            if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: cannot create this directory ({ancestor} is not a writable "
+                                 f"directory)")
     if is_vision_checkpoint(args.load):  # ViT-LS / ViL-LS (pretrain_vit_ls.py): consolidation only
         if args.save or args.to_hf or not args.consolidated_dir:
             p.error("vision checkpoints convert with --consolidated-dir only (no --save re-sharding, no --to-hf)")

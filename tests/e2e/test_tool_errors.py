@@ -29,7 +29,7 @@ CASES = {
     "generate-max-new-tokens": (["tools/generate.py", "--load", "{ckpt}", "--prompt", "x", "--max-new-tokens", "-1"],
                                 "--max-new-tokens must be >= 0, got -1"),
     "convert-output-dir": (["tools/convert_checkpoint.py", "--load", "{ckpt}", "--consolidated-dir", "/dev/null/c"],
-                           "--consolidated-dir /dev/null/c: cannot create this directory (Not a directory)"),
+                           "--consolidated-dir /dev/null/c: cannot create this directory (/dev/null is not a writable directory)"),
     "server-port": (["tools/run_text_generation_server.py", "--load", "{ckpt}", "--port", "99999"],
                     "--port 99999 must be in [0, 65535]"),
     "server-body": (["tools/run_text_generation_server.py", "--load", "{ckpt}", "--max-body-bytes", "-1"],
