@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 path, tokens_file, out_file = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-tokens = torch.load(tokens_file)
+tokens = torch.load(tokens_file, weights_only=True)
 with torch.no_grad():
     logits = model(tokens).logits
 enc = tok(["hello world", "h"], return_tensors="pt", padding=True)
@@ -85,7 +85,7 @@ def test_to_hf_from_any_layout_loads_in_a_clean_interpreter(tmp_path):
     proc = run_cli([sys.executable, str(script), str(hf), str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt")],
                    timeout=300)
     assert "clean load ok" in proc.stdout
-    out = torch.load(tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(out["logits"], ours(tokens), rtol=1e-5, atol=1e-4)
     assert out["cache"] == "LongShortCache" and out["text"] == "héllo"
