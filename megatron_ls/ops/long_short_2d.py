@@ -17,13 +17,18 @@ Sequence layout: ``num_extra_tokens`` leading tokens (CLS, distillation, ...) th
 Patch queries (``implementation="fused"``, the default) go through ``long_short_2d_fused.PatchQueryAttention``:
 one softmax per query over [square ; extra keys ; r projected keys], chunked over block rows, saving only its
 inputs, output and logsumexp and recomputing the scores in backward -- memory O(N·D) plus one chunk of scores.
+``implementation="dense"`` scores every patch query against every patch key at once and masks what lies outside
+its block's square (bias and mask gathered from precomputed index tables): O(P²) scores, but no per-block gather,
+scatter or chunk loop -- much faster when the square covers a good part of the grid (a 7×7 grid with 5×5 squares).
 ``implementation="autograd"`` is the reference: the same math vectorised over all blocks in plain autograd, memory
-O(N·((w+2e)² + E + r)) for the scores, probabilities and their copies. Attention dropout > 0 always takes the
-autograd path (it needs the dropped probabilities for backward). The norms, the projection and the extra-token
-queries (E×N scores) run in plain autograd in both.
+O(N·((w+2e)² + E + r)) for the scores, probabilities and their copies. ``"auto"`` (the default) takes "dense" when
+the grid has at most ``DENSE_MAX_PATCHES_PER_SQUARE`` × S² patches and "fused" otherwise. Attention dropout > 0
+takes the autograd path unless "dense" was chosen (the fused kernel would need the dropped probabilities for
+backward). The norms, the projection and the extra-token queries (E×N scores) run in plain autograd in all.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -36,7 +41,10 @@ from .projection import compute_dtype, project_bidirectional
 
 NEG_INF = float("-inf")
 EXTRA_QUERY_MODES = ("full", "post")
-IMPLEMENTATIONS = ("fused", "autograd")
+IMPLEMENTATIONS = ("auto", "fused", "dense", "autograd")
+# "auto" scores densely while the grid holds at most this many squares' worth of patches: dense then does at most
+# this factor more score work than the fused kernel, with none of its per-block gathers (bench: tools/bench_vision.py)
+DENSE_MAX_PATCHES_PER_SQUARE = 4
 
 
 def _check_grid(grid, n: int, num_extra: int) -> Tuple[int, int]:
@@ -143,6 +151,43 @@ def _patch_queries_fused(geom: Geometry, q_p, k_p, v_p, shared, window_bias, sq_
     return _ungrid_blocks(o, geom.gh, geom.gw, geom.window) if geom.window > 0 else o.reshape(b, h, p, d)
 
 
+@lru_cache(maxsize=32)
+def _square_tables(gh: int, gw: int, window: int, extension: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P, P) bool: patch key inside the query's block square; (P, P) long: index into window_bias.flatten(1)."""
+    s = window + 2 * extension
+    y, x = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)  # row-major patch coordinates
+    dy = y[None, :] - (y[:, None] // window * window - extension)  # key row inside the query block's square
+    dx = x[None, :] - (x[:, None] // window * window - extension)
+    inside = (dy >= 0) & (dy < s) & (dx >= 0) & (dx < s)
+    slot = (y % window) * window + x % window  # the query's place in its block
+    index = slot[:, None] * (s * s) + dy.clamp(0, s - 1) * s + dx.clamp(0, s - 1)
+    return inside, index
+
+
+def _patch_queries_dense(geom: Geometry, q_p, k_p, v_p, shared, window_bias, patch_key_ok, dropout_p: float):
+    """Every patch query against every patch key, masked to its square, plus the shared keys: one softmax."""
+    parts, vals = [], []
+    if geom.window > 0:
+        inside, index = (t.to(q_p.device) for t in _square_tables(geom.gh, geom.gw, geom.window, geom.extension))
+        scores = torch.matmul(q_p, k_p.transpose(-1, -2))
+        if window_bias is not None:
+            scores = scores + window_bias.flatten(1)[:, index]  # (H, P, P); outside the square masked below
+        parts.append(scores + _additive(inside & patch_key_ok[:, None, :], q_p.dtype)[:, None])
+        vals.append(v_p)
+    for keys, values, keep in shared:
+        parts.append(torch.matmul(q_p, keys.transpose(-1, -2)) + _additive(keep, q_p.dtype)[:, None, None, :])
+        vals.append(values)
+    return torch.matmul(_softmax_union(parts, dropout_p), torch.cat(vals, dim=2) if len(vals) > 1 else vals[0])
+
+
+def _choose(implementation: str, geom: Geometry, dropout_p: float) -> str:
+    if implementation == "auto":
+        patches = geom.gh * geom.gw
+        dense = geom.window == 0 or patches <= DENSE_MAX_PATCHES_PER_SQUARE * geom.side ** 2
+        implementation = "dense" if dense else "fused"
+    return "autograd" if implementation == "fused" and dropout_p > 0 else implementation
+
+
 def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_logits: Optional[torch.Tensor],
                             *, grid: Tuple[int, int], window: int, num_extra_tokens: int = 0,
                             key_padding_mask: Optional[torch.Tensor] = None,
@@ -150,15 +195,15 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             dropout_p: float = 0.0, scale: Optional[float] = None,
                             window_extension: str = "floor", project_normed: bool = False,
                             window_bias: Optional[torch.Tensor] = None,
-                            extra_queries: str = "full", implementation: str = "fused") -> torch.Tensor:
+                            extra_queries: str = "full", implementation: str = "auto") -> torch.Tensor:
     """2D long-short attention over (B, H, E + gh·gw, D) tensors; returns (B, H, N, D) in q's dtype.
 
     See the module docstring for the visibility rule. ``key_padding_mask`` (B, N) bool, True = padding (never
     attended, no projection weight, padded query rows return 0). ``window_extension`` and ``project_normed``
     as in ``long_short_attention`` (defaults: the released code's ``max(w // 2, 1)``; raw keys projected).
     ``window_bias``: (H, w², (w + 2e)²) added to the window scores; ``extra_queries``: "full" or "post".
-    ``implementation``: "fused" (default; recompute in backward) or "autograd" (the reference); with
-    ``dropout_p > 0`` the patch queries take the autograd path either way.
+    ``implementation``: "auto" (default: "dense" on small grids, else "fused"), "fused" (recompute in backward),
+    "dense" (masked P×P scores) or "autograd" (the reference); with ``dropout_p > 0`` "fused" runs as "autograd".
     """
     checks.check_qkv(q, k, v)
     rank = checks.check_proj_logits(proj_logits, q)
@@ -202,8 +247,10 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         v_glob = _apply_norm("global_norm", global_norm, v_glob).to(cd)
         glob_ok = (~no_weight).any(dim=1)[:, None, None, None]  # (B, 1, 1, 1): no patch left -> no keys
 
+    geom = Geometry(gh, gw, window, extension)
+    chosen = _choose(implementation, geom, dropout_p)
     sq_ok = None
-    if window > 0:  # (B|1, nbh, nbw, S²): which keys of each block's square exist (inside the image, not padding)
+    if window > 0 and chosen != "dense":  # (B|1, nbh, nbw, S²): which keys of each square exist (in the image, not padding)
         sq_ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, extension, 0.0)[..., 0] > 0
     shared = []  # keys every patch query sees: (keys, values, keep (B|1, X))
     if ne > 0:
@@ -211,12 +258,13 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if k_glob is not None:
         shared.append((k_glob, v_glob, glob_ok.view(-1, 1).expand(-1, rank)))
     wb = None if window_bias is None else window_bias.to(cd)
-    geom = Geometry(gh, gw, window, extension)
-    if implementation == "fused" and dropout_p == 0.0:
-        out_patches = _patch_queries_fused(geom, q_s[:, :, ne:], k_loc[:, :, ne:], v_loc[:, :, ne:], shared, wb, sq_ok)
+    patch_args = (geom, q_s[:, :, ne:], k_loc[:, :, ne:], v_loc[:, :, ne:], shared, wb)
+    if chosen == "fused":
+        out_patches = _patch_queries_fused(*patch_args, sq_ok)
+    elif chosen == "dense":
+        out_patches = _patch_queries_dense(*patch_args, key_ok[:, ne:], dropout_p)
     else:
-        out_patches = _patch_queries_autograd(geom, q_s[:, :, ne:], k_loc[:, :, ne:], v_loc[:, :, ne:], shared, wb,
-                                              sq_ok, dropout_p)
+        out_patches = _patch_queries_autograd(*patch_args, sq_ok, dropout_p)
 
     outs = []
     if ne > 0 and extra_queries == "post":  # own keys + the patch outputs as keys and values
