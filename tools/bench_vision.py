@@ -10,10 +10,16 @@ full model's would be an N x N table), so the only difference is the attention. 
 torch version, git commit and load average.
 
   OMP_NUM_THREADS=1 python tools/bench_vision.py --sides 64,128,256 --json benchmarks/results/bench_vision_cpu.json
+
+``--kinds`` picks the models: ``long-short`` (the op's default ``implementation="auto"``), ``ls-fused`` /
+``ls-dense`` (the 2D op's patch queries forced through the fused kernel / the dense-masked path), ``full``:
+
+  OMP_NUM_THREADS=1 python tools/bench_vision.py --kinds ls-fused,ls-dense --sides 64,96,128,192 --batch 2
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -25,7 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.bench_common import device_name, git_commit, parse_int_list, reset_peak_rss, rss_kb, write_json_atomic  # noqa: E402
 
 
+KINDS = ("long-short", "ls-fused", "ls-dense", "full")
+
+
 def build(kind: str, side: int, args: argparse.Namespace):
+    import megatron_ls.model.vit_attention as vit_attention
+    import megatron_ls.ops.long_short_2d as ls2d
     from megatron_ls.config import TransformerConfig
     from megatron_ls.model.vit import ViTModel
     from megatron_ls.model.vit_config import VisionConfig
@@ -35,6 +46,9 @@ def build(kind: str, side: int, args: argparse.Namespace):
                                window_size=args.window, projection_rank=args.rank, causal=False,
                                position_embedding_type="none", hidden_dropout=0.0, attention_dropout=0.0,
                                full_attention_layers=tuple(range(layers)) if kind == "full" else ())
+    if kind in ("ls-fused", "ls-dense"):  # this child process only: the layers call the op with that path
+        vit_attention.long_short_attention_2d = functools.partial(ls2d.long_short_attention_2d,
+                                                                  implementation=kind[3:])
     vision = VisionConfig(img_h=side, img_w=side, num_channels=3, patch_dim=args.patch, num_classes=10,
                           relative_position_bias=False)
     return ViTModel(config, vision)
@@ -82,6 +96,7 @@ def measure_point(kind: str, side: int, args: argparse.Namespace) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sides", default="64,128,256", help="image sides in pixels (comma-separated)")
+    p.add_argument("--kinds", default="long-short,full", help=f"models to compare, comma-separated, of {KINDS}")
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
@@ -99,12 +114,16 @@ def main(argv=None) -> None:
         return
     import torch
 
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        p.error(f"--kinds: {bad or args.kinds!r} not among {KINDS}")
     rows = []
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     if args.json in forwarded:
         forwarded.remove(args.json)
     for side in parse_int_list(args.sides, "--sides"):
-        for kind in ("long-short", "full"):
+        for kind in kinds:
             out = subprocess.run([sys.executable, __file__, *forwarded, "--point", kind, str(side)],
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ its block's square (bias and mask gathered from precomputed index tables): O(P²
 scatter or chunk loop -- much faster when the square covers a good part of the grid (a 7×7 grid with 5×5 squares).
 ``implementation="autograd"`` is the reference: the same math vectorised over all blocks in plain autograd, memory
 O(N·((w+2e)² + E + r)) for the scores, probabilities and their copies. ``"auto"`` (the default) takes "dense" when
-the grid has at most ``DENSE_MAX_PATCHES_PER_SQUARE`` × S² patches and "fused" otherwise. Attention dropout > 0
+the grid has at most ``max(S², DENSE_MAX_PATCHES)`` patches and "fused" otherwise. Attention dropout > 0
 takes the autograd path unless "dense" was chosen (the fused kernel would need the dropped probabilities for
 backward). The norms, the projection and the extra-token queries (E×N scores) run in plain autograd in all.
 """
@@ -42,9 +42,11 @@ from .projection import compute_dtype, project_bidirectional
 NEG_INF = float("-inf")
 EXTRA_QUERY_MODES = ("full", "post")
 IMPLEMENTATIONS = ("auto", "fused", "dense", "autograd")
-# "auto" scores densely while the grid holds at most this many squares' worth of patches: dense then does at most
-# this factor more score work than the fused kernel, with none of its per-block gathers (bench: tools/bench_vision.py)
-DENSE_MAX_PATCHES_PER_SQUARE = 4
+# "auto" scores densely when the grid has no more patches than one square (dense then does no more score work) or
+# at most DENSE_MAX_PATCHES: there the fused kernel's per-block gathers, scatters and chunk loop cost more than the
+# P² scores. Measured on CPU (tools/bench_vision.py --kinds ls-fused,ls-dense, docs/vision.md): w=3 dense 2.2x
+# faster at 49 patches, 1.5x at 100, 0.8x at 196; w=8 1.0x at 256 patches (= S²), 0.5x at 576. Unmeasured on GPU.
+DENSE_MAX_PATCHES = 128
 
 
 def _check_grid(grid, n: int, num_extra: int) -> Tuple[int, int]:
@@ -133,20 +135,24 @@ def _patch_queries_autograd(geom: Geometry, q_p, k_p, v_p, shared, window_bias, 
     return _ungrid_blocks(o, gh, gw, max(window, 1))
 
 
-def _patch_queries_fused(geom: Geometry, q_p, k_p, v_p, shared, window_bias, sq_ok):
-    """The same through :class:`~.long_short_2d_fused.PatchQueryAttention` (recomputes scores in backward)."""
+def _patch_queries_fused(geom: Geometry, q_p, k_p, v_p, shared, window_bias, sq_ok, padded: bool):
+    """The same through :class:`~.long_short_2d_fused.PatchQueryAttention` (recomputes scores in backward).
+
+    Masks are decided on the host (``padded``: a key padding mask was given), never by inspecting a tensor: that
+    would synchronise a CUDA stream once per layer.
+    """
     b, h, p, d = q_p.shape
     if geom.window > 0:
         qb = _grid_blocks(q_p, geom.gh, geom.gw, geom.window)
-        sq_bias = None if bool(sq_ok.all()) else _additive(sq_ok, q_p.dtype)
+        sq_bias = _additive(sq_ok, q_p.dtype)  # squares at the border always reach outside the image
     else:  # projection only: one block of every patch
         qb, k_p, v_p, sq_bias = q_p.reshape(b, h, 1, 1, p, d), None, None, None
     kx = vx = x_bias = None
     if shared:
         kx = torch.cat([keys for keys, _, _ in shared], dim=2)
         vx = torch.cat([values for _, values, _ in shared], dim=2)
-        keep = torch.cat([ok.expand(b, -1) for _, _, ok in shared], dim=1)
-        x_bias = None if bool(keep.all()) else _additive(keep, q_p.dtype)
+        if padded:  # without padding every extra token and every projected key is visible
+            x_bias = _additive(torch.cat([ok.expand(b, -1) for _, _, ok in shared], dim=1), q_p.dtype)
     o = fused_patch_attention(geom, qb, k_p, v_p, kx, vx, window_bias, sq_bias, x_bias)
     return _ungrid_blocks(o, geom.gh, geom.gw, geom.window) if geom.window > 0 else o.reshape(b, h, p, d)
 
@@ -183,7 +189,7 @@ def _patch_queries_dense(geom: Geometry, q_p, k_p, v_p, shared, window_bias, pat
 def _choose(implementation: str, geom: Geometry, dropout_p: float) -> str:
     if implementation == "auto":
         patches = geom.gh * geom.gw
-        dense = geom.window == 0 or patches <= DENSE_MAX_PATCHES_PER_SQUARE * geom.side ** 2
+        dense = geom.window == 0 or patches <= max(geom.side ** 2, DENSE_MAX_PATCHES)
         implementation = "dense" if dense else "fused"
     return "autograd" if implementation == "fused" and dropout_p > 0 else implementation
 
@@ -260,7 +266,7 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     wb = None if window_bias is None else window_bias.to(cd)
     patch_args = (geom, q_s[:, :, ne:], k_loc[:, :, ne:], v_loc[:, :, ne:], shared, wb)
     if chosen == "fused":
-        out_patches = _patch_queries_fused(*patch_args, sq_ok)
+        out_patches = _patch_queries_fused(*patch_args, sq_ok, pad is not None)
     elif chosen == "dense":
         out_patches = _patch_queries_dense(*patch_args, key_ok[:, ne:], dropout_p)
     else:

@@ -1,6 +1,7 @@
-"""The fused patch-query kernel (long_short_2d_fused) against the autograd path and the dense float64 references:
-values and gradients of q, k, v, proj_logits, both norms' parameters and window_bias, across window rules,
-extra tokens, padding, projection-only and window-only layers, and chunkings that split rows, heads and batch."""
+"""The fused patch-query kernel (long_short_2d_fused) and the dense-masked path against the autograd path and the
+dense float64 references: values and gradients of q, k, v, proj_logits, both norms' parameters and window_bias,
+across window rules, extra tokens, padding, projection-only and window-only layers, and chunkings that split rows,
+heads and batch; and which path ``implementation="auto"`` takes."""
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import megatron_ls.ops.long_short_2d as ls2d
 import megatron_ls.ops.long_short_2d_fused as fused
 from megatron_ls.model.norms import FullWidthLayerNorm
 from megatron_ls.ops import long_short_attention_2d
@@ -54,12 +56,14 @@ def _assert_same(out, ref, params, rtol=1e-9, atol=1e-10):
 # (gh, gw, w, extension, extra tokens, r): odd/even w, grids not multiples of w, w > grid, w = 0 and r = 0
 CASES = [(5, 7, 2, "floor", 1, 3), (7, 6, 3, "floor", 2, 2), (7, 6, 3, "ceil", 1, 2), (4, 5, 4, "ceil", 0, 1),
          (6, 6, 3, "floor", 1, 0), (5, 4, 0, "floor", 2, 2), (3, 3, 5, "floor", 1, 2), (8, 5, 4, "floor", 0, 0)]
+FAST = pytest.mark.parametrize("impl", ["fused", "dense"])
 
 
 @pytest.mark.parametrize("gh,gw,w,ext,ne,r", CASES)
 @pytest.mark.parametrize("extra_queries", ["post", "full"])
 @pytest.mark.parametrize("budget", [1, 10 ** 9])  # one block row per chunk / everything in one chunk
-def test_fused_equals_autograd(gh, gw, w, ext, ne, r, extra_queries, budget, monkeypatch):
+@FAST
+def test_fused_equals_autograd(gh, gw, w, ext, ne, r, extra_queries, budget, impl, monkeypatch):
     """Padding mask, window bias, projection of the normed keys, per-head norms: fused == autograd path."""
     monkeypatch.setattr(fused, "CHUNK_SCORES", budget)
     b, h, d = 2, 2, 4
@@ -78,7 +82,7 @@ def test_fused_equals_autograd(gh, gw, w, ext, ne, r, extra_queries, budget, mon
     kw = dict(grid=(gh, gw), window=w, num_extra_tokens=ne, key_padding_mask=pad, local_norm=ln_l,
               global_norm=ln_g if r else None, scale=0.4, window_extension=ext, project_normed=bool(r),
               window_bias=bias, extra_queries=extra_queries)
-    out = long_short_attention_2d(q, k, v, pl, **kw)
+    out = long_short_attention_2d(q, k, v, pl, implementation=impl, **kw)
     ref = long_short_attention_2d(q, k, v, pl, implementation="autograd", **kw)
     _assert_same(out, ref, params)
     assert out[pad[:, None, :, None].expand_as(out)].eq(0).all()
@@ -86,7 +90,8 @@ def test_fused_equals_autograd(gh, gw, w, ext, ne, r, extra_queries, budget, mon
 
 @pytest.mark.parametrize("budget", [1, 300, 3000, 10 ** 9])  # rows / heads / batch split across chunks, or none
 @pytest.mark.parametrize("gh,gw,w,ne,r", [(5, 7, 2, 1, 3), (7, 7, 3, 1, 2), (4, 5, 0, 1, 2), (6, 5, 3, 0, 0)])
-def test_fused_matches_dense_reference(budget, gh, gw, w, ne, r, monkeypatch):
+@FAST
+def test_fused_matches_dense_reference(budget, gh, gw, w, ne, r, impl, monkeypatch):
     """Extra queries "full" with padding (ls_reference.dense_long_short_2d), any chunking."""
     monkeypatch.setattr(fused, "CHUNK_SCORES", budget)
     b, h, d = 3, 2, 4
@@ -100,11 +105,13 @@ def test_fused_matches_dense_reference(budget, gh, gw, w, ne, r, monkeypatch):
     kw = dict(grid=(gh, gw), window=w, num_extra_tokens=ne, key_padding_mask=pad, local_norm=ln_l,
               global_norm=ln_g, scale=0.35)
     params = [q, k, v] + ([pl] if r else []) + [*ln_l.parameters(), *ln_g.parameters()]
-    _assert_same(long_short_attention_2d(q, k, v, pl, **kw), dense_long_short_2d(q, k, v, pl, **kw), params)
+    _assert_same(long_short_attention_2d(q, k, v, pl, implementation=impl, **kw),
+                 dense_long_short_2d(q, k, v, pl, **kw), params)
 
 
 @pytest.mark.parametrize("gh,gw,w,ne,r", [(5, 6, 2, 1, 2), (7, 7, 3, 1, 3), (6, 5, 3, 2, 2), (4, 5, 4, 0, 1)])
-def test_fused_matches_dense_post_cls_and_bias(gh, gw, w, ne, r, monkeypatch):
+@FAST
+def test_fused_matches_dense_post_cls_and_bias(gh, gw, w, ne, r, impl, monkeypatch):
     """The released vision layer (post-CLS, window bias, normed projection) against dense_vision."""
     monkeypatch.setattr(fused, "CHUNK_SCORES", 200)
     b, h, d = 2, 2, 4
@@ -116,12 +123,13 @@ def test_fused_matches_dense_post_cls_and_bias(gh, gw, w, ne, r, monkeypatch):
     ref = dense_vision(q, k, v, pl, grid=(gh, gw), window=w, ne=ne, ln_l=ln_l, ln_g=ln_g, bias=bias, scale=0.45)
     out = long_short_attention_2d(q, k, v, pl, grid=(gh, gw), window=w, num_extra_tokens=ne, local_norm=ln_l,
                                   global_norm=ln_g, scale=0.45, project_normed=True, window_bias=bias,
-                                  extra_queries="post")
+                                  extra_queries="post", implementation=impl)
     _assert_same(out, ref, [q, k, v, pl, bias, *ln_l.parameters(), *ln_g.parameters()])
 
 
 @pytest.mark.parametrize("w,r", [(3, 2), (0, 2), (2, 0)])
-def test_rows_with_nothing_visible(w, r):
+@FAST
+def test_rows_with_nothing_visible(w, r, impl):
     """A fully padded sample: every row of it sees no key; outputs 0, gradients finite and equal to autograd."""
     b, h, d, gh, gw = 2, 2, 4, 5, 6
     n = 1 + gh * gw
@@ -129,14 +137,15 @@ def test_rows_with_nothing_visible(w, r):
     pad = torch.zeros(b, n, dtype=torch.bool)
     pad[1] = True
     kw = dict(grid=(gh, gw), window=w, num_extra_tokens=1, key_padding_mask=pad, extra_queries="post")
-    out = long_short_attention_2d(q, k, v, pl, **kw)
+    out = long_short_attention_2d(q, k, v, pl, implementation=impl, **kw)
     assert out[1].eq(0).all()
     params = [q, k, v] + ([pl] if r else [])
     assert all(torch.isfinite(g).all() for g in _grads(out, params))
     _assert_same(out, long_short_attention_2d(q, k, v, pl, implementation="autograd", **kw), params)
 
 
-def test_full_width_norms_as_in_the_model():
+@FAST
+def test_full_width_norms_as_in_the_model(impl):
     """DualLN over all heads' width (the model's default scope): fused == autograd, norms' grads included."""
     b, h, d, gh, gw = 2, 3, 4, 9, 10
     n = 1 + gh * gw
@@ -147,18 +156,19 @@ def test_full_width_norms_as_in_the_model():
     kw = dict(grid=(gh, gw), window=4, num_extra_tokens=1, local_norm=ln_l, global_norm=ln_g,
               project_normed=True, window_bias=bias, extra_queries="post")
     params = [q, k, v, pl, bias, *ln_l.parameters(), *ln_g.parameters()]
-    _assert_same(long_short_attention_2d(q, k, v, pl, **kw),
+    _assert_same(long_short_attention_2d(q, k, v, pl, implementation=impl, **kw),
                  long_short_attention_2d(q, k, v, pl, implementation="autograd", **kw), params)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_low_precision_forward_and_backward(dtype, tol):
+@FAST
+def test_low_precision_forward_and_backward(dtype, tol, impl):
     """fp32 / bf16 inputs (fp32 compute): outputs close to float64, gradients finite and close to autograd."""
     gh = gw = 10
     n = 1 + gh * gw
     q, k, v, pl = (x.detach().to(dtype).requires_grad_() for x in _inputs(2, 2, n, 16, 4, seed=40))
     kw = dict(grid=(gh, gw), window=4, num_extra_tokens=1, extra_queries="post")
-    out = long_short_attention_2d(q, k, v, pl, **kw)
+    out = long_short_attention_2d(q, k, v, pl, implementation=impl, **kw)
     assert out.dtype == dtype and torch.isfinite(out).all()
     ref = long_short_attention_2d(*(x.detach().double() for x in (q, k, v, pl)), **kw)
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
@@ -214,3 +224,31 @@ def test_bad_implementation_raises():
     q = torch.zeros(1, 1, 17, 4)
     with pytest.raises(ValueError, match="implementation must be one of"):
         long_short_attention_2d(q, q, q, None, grid=(4, 4), window=2, num_extra_tokens=1, implementation="cuda")
+
+
+@pytest.mark.parametrize("grid,w,ext,dropout,want", [
+    ((7, 7), 3, "floor", 0.0, "dense"),  # Fashion-MNIST: 49 patches, 5x5 squares
+    ((8, 16), 3, "floor", 0.0, "dense"),  # 128 patches: DENSE_MAX_PATCHES
+    ((11, 12), 3, "floor", 0.0, "fused"),
+    ((11, 12), 3, "floor", 0.2, "autograd"),  # the fused kernel has no dropout
+    ((16, 16), 8, "floor", 0.0, "dense"),  # 256 patches = one 16x16 square
+    ((16, 17), 8, "floor", 0.0, "fused"),
+    ((64, 64), 8, "floor", 0.0, "fused"),
+    ((9, 9), 0, "floor", 0.2, "dense")])  # projection only: no squares at all
+def test_auto_picks_dense_on_small_grids(grid, w, ext, dropout, want, monkeypatch):
+    """The rule (at most max(S², DENSE_MAX_PATCHES) patches), and "auto" == the path it names."""
+    assert ls2d.DENSE_MAX_PATCHES == 128
+    geom = fused.Geometry(*grid, w, window_extension(w, ext) if w else 0)
+    assert ls2d._choose("auto", geom, dropout) == want
+    taken = []
+    for name in ("fused", "dense", "autograd"):
+        real = getattr(ls2d, f"_patch_queries_{name}")
+        monkeypatch.setattr(ls2d, f"_patch_queries_{name}",
+                            lambda *a, _name=name, _real=real: taken.append(_name) or _real(*a))
+    q, k, v, pl = _inputs(1, 2, 1 + grid[0] * grid[1], 4, 2, seed=80)
+    kw = dict(grid=grid, window=w, num_extra_tokens=1, dropout_p=dropout, window_extension=ext)
+    torch.manual_seed(5)
+    auto = long_short_attention_2d(q, k, v, pl, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(auto, long_short_attention_2d(q, k, v, pl, implementation=want, **kw))
+    assert taken == [want, want]

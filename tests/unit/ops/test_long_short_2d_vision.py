@@ -114,7 +114,8 @@ def test_window_rule_is_the_released_one(w, gh, gw):
         assert visible_keys(gh, gw, w, centre, window_extension="ceil") > visible_keys(gh, gw, w, centre)
 
 
-def test_patch_outside_square_with_no_projection_weight_is_invisible():
+@pytest.mark.parametrize("impl", ["fused", "dense", "autograd"])
+def test_patch_outside_square_with_no_projection_weight_is_invisible(impl):
     """Changing a patch outside the query's extended square and with zero projection weight leaves that query's
     output bit-identical (CLS and the other patches' projection still on); a patch inside the square, or one
     outside it that has projection weight, changes it."""
@@ -130,7 +131,8 @@ def test_patch_outside_square_with_no_projection_weight_is_invisible():
 
     def run(k_, v_):
         return long_short_attention_2d(q, k_, v_, pl, grid=(gh, gw), window=w, num_extra_tokens=ne,
-                                       local_norm=ln, global_norm=ln, project_normed=True, extra_queries="post")
+                                       local_norm=ln, global_norm=ln, project_normed=True, extra_queries="post",
+                                       implementation=impl)
 
     base = run(k, v)
     for target, changes in ((far, False), (near, True), (far_weighted, True)):
