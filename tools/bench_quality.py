@@ -17,7 +17,6 @@ Example (about 1.5 h on one CPU core with the defaults): ``python tools/bench_qu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench_common import REPO, device_name, git_commit, git_dirty  # noqa: E402
+from tools.bench_common import REPO, device_name, git_commit, git_dirty, write_json_atomic  # noqa: E402
 
 VARIANTS = {
     "ls": [],
@@ -213,12 +212,14 @@ def main(argv=None) -> int:
     for a, b in zip(*record["norm_ratio_at_init"].values()):
         print(f"| {a['layer']} | {a['key_ratio']:.3f} | {a['value_ratio']:.3f} | {b['key_ratio']:.3f} | "
               f"{b['value_ratio']:.3f} |")
-    record["runs"] = []
+    record["runs"], record["complete"] = [], False
     for name in args.variants:
         res = train_variant(args, name)
         record["runs"].append(res)
+        write_json_atomic(args.output, record)  # after every variant: a crash later keeps the finished ones
         print(f"{name}: validation {res['validation_loss']:.4f} nats, {res['bits_per_byte']:.4f} bits/byte, "
               f"{res['seconds']:.0f} s", flush=True)
+    record["complete"] = True
     print(f"\n## validation after {args.train_iters} iterations (seq {args.seq_length}, w={args.window_size}, "
           f"l={args.segment_length}, r={args.projection_rank}, seed {args.seed})")
     print("| variant | bits per byte | loss (nats) | keys per query | seconds |\n|---|---|---|---|---|")
@@ -232,12 +233,8 @@ def main(argv=None) -> int:
         print("|---|" + "---|" * len(buckets))
         for r in record["runs"]:
             print(f"| {r['variant']} | " + " | ".join(f"{b['loss']:.4f}" for b in r["position_losses"]) + " |")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+    write_json_atomic(args.output, record)
+    print(f"\nwrote {args.output}")
     return 0
 
 

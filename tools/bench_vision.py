@@ -118,7 +118,11 @@ def main(argv=None) -> None:
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         p.error(f"--kinds: {bad or args.kinds!r} not among {KINDS}")
-    rows = []
+    rows: list = []
+    payload = {"device": device_name(args.device), "torch": torch.__version__, "git_commit": git_commit(),
+               "threads": torch.get_num_threads(), "config": {k: v for k, v in vars(args).items()
+                                                              if k not in ("json", "point")},
+               "rows": rows, "complete": False}
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     if args.json in forwarded:
         forwarded.remove(args.json)
@@ -131,9 +135,9 @@ def main(argv=None) -> None:
             print(f" {kind:10s} side {side:4d} ({row['patches']:5d} patches): {row['images_per_s']:8.2f} images/s, "
                   f"{row['images_per_cpu_s']:8.2f} images/CPU-s, peak extra {row['peak_extra_mib']:8.1f} MiB "
                   f"(load {row['load_avg']:.1f})", flush=True)
-    payload = {"device": device_name(args.device), "torch": torch.__version__, "git_commit": git_commit(),
-               "threads": torch.get_num_threads(), "config": {k: v for k, v in vars(args).items()
-                                                              if k not in ("json", "point")}, "rows": rows}
+            if args.json:  # after every point: an interrupted run keeps what it measured
+                write_json_atomic(args.json, payload)
+    payload["complete"] = True
     if args.json:
         write_json_atomic(args.json, payload)
 

@@ -19,6 +19,7 @@ def test_ablation_benchmark_smoke(corpus_prefix, tmp_path):
                     "--save-dir", str(tmp_path / "ckpt"), "--position-eval-sequences", "2", "--output", str(out)])
     assert "| variant | positions 0-15 | positions 16-63 | positions 64-127 |" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["complete"] is True
     runs = {r["variant"]: r for r in result["runs"]}
     assert set(runs) == {"ls", "window"} and runs["window"]["keys_per_query"] == 16
     for run in runs.values():

@@ -13,7 +13,9 @@ def test_bench_vision_compares_the_patch_query_paths(tmp_path):
                     "--layers", "1", "--hidden", "16", "--heads", "2", "--window", "2", "--rank", "2",
                     "--batch", "1", "--repeats", "1", "--json", str(out)])
     assert proc.stdout.count("images/s") == 3
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    rows = result["rows"]
     assert [r["kind"] for r in rows] == ["ls-fused", "ls-dense", "full"]
     assert all(r["patches"] == 64 and r["images_per_s"] > 0 for r in rows)
 
