@@ -158,8 +158,12 @@ def _patch_queries_fused(geom: Geometry, q_p, k_p, v_p, shared, window_bias, sq_
 
 
 @lru_cache(maxsize=32)
-def _square_tables(gh: int, gw: int, window: int, extension: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(P, P) bool: patch key inside the query's block square; (P, P) long: index into window_bias.flatten(1)."""
+def _square_tables(gh: int, gw: int, window: int, extension: int,
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P, P) bool: patch key inside the query's block square; (P, P) long: index into window_bias.flatten(1).
+
+    Cached per device: built once, no host-to-device copy per layer call.
+    """
     s = window + 2 * extension
     y, x = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)  # row-major patch coordinates
     dy = y[None, :] - (y[:, None] // window * window - extension)  # key row inside the query block's square
@@ -167,14 +171,14 @@ def _square_tables(gh: int, gw: int, window: int, extension: int) -> Tuple[torch
     inside = (dy >= 0) & (dy < s) & (dx >= 0) & (dx < s)
     slot = (y % window) * window + x % window  # the query's place in its block
     index = slot[:, None] * (s * s) + dy.clamp(0, s - 1) * s + dx.clamp(0, s - 1)
-    return inside, index
+    return inside.to(device), index.to(device)
 
 
 def _patch_queries_dense(geom: Geometry, q_p, k_p, v_p, shared, window_bias, patch_key_ok, dropout_p: float):
     """Every patch query against every patch key, masked to its square, plus the shared keys: one softmax."""
     parts, vals = [], []
     if geom.window > 0:
-        inside, index = (t.to(q_p.device) for t in _square_tables(geom.gh, geom.gw, geom.window, geom.extension))
+        inside, index = _square_tables(geom.gh, geom.gw, geom.window, geom.extension, q_p.device)
         scores = torch.matmul(q_p, k_p.transpose(-1, -2))
         if window_bias is not None:
             scores = scores + window_bias.flatten(1)[:, index]  # (H, P, P); outside the square masked below
