@@ -83,8 +83,9 @@ def check_resume(args: Arguments, vision: VisionConfig) -> None:
         raise CheckpointError(f"--load {args.checkpoint.load}: not a vision checkpoint (no vision settings)")
     now = vision_config_to_dict(vision)
     diffs = [f"--{k.replace('_', '-')} is {now[k]} here but {saved[k]} in the checkpoint"
-             for k in ("img_h", "img_w", "num_channels", "patch_dim", "patch_embed_kernel", "num_classes", "pooling",
-                       "vil_stages", "relative_position_bias") if k in saved and saved[k] != now[k]]
+             for k in ("img_h", "img_w", "num_channels", "patch_dim", "patch_embed_kernel", "conv_stem_channels",
+                       "num_classes", "pooling", "vil_stages", "relative_position_bias")
+             if k in saved and saved[k] != now[k]]
     if diffs:
         raise CheckpointError(f"--load {args.checkpoint.load}: " + "; ".join(diffs))
 

@@ -8,7 +8,7 @@ pipeline stages' layers (``vit_pipeline.py``). The pieces (``PatchEmbedding``, `
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,20 @@ class LearnedVector(nn.Module):
         nn.init.trunc_normal_(self.bias, std=EMBED_STD, a=-2 * EMBED_STD, b=2 * EMBED_STD)
 
 
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of every pixel of a (B, C, H, W) feature map (no batch statistics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class PatchEmbedding(nn.Module):
     """Conv patches (stride ``patch``) -> LayerNorm -> [CLS tokens; patches] (+ absolute positions).
 
     The kernel is ``patch`` (non-overlapping, as released) unless ``kernel`` is larger: CvT's overlapping
     convolutional token embedding, padded by ``(kernel - patch + 1) // 2`` so the grid stays ``H / patch``.
+    ``stem`` channels put 3x3 stride-2 convs (each + channel LayerNorm + GELU) first, Xiao et al.'s early
+    convolutions; the last conv then has kernel = stride = ``patch / 2^len(stem)``.
 
     Input: images ``(B, C, H, W)``, or the previous stage's tokens ``(B, E' + h*w, C)`` with ``in_grid=(h, w)``
     and ``in_cls`` CLS tokens (dropped, as in the released ViL: each stage has its own CLS token) — patch merging.
@@ -48,10 +57,20 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, width: int, patch: int, grid: tuple[int, int], cls_tokens: int,
                  absolute_position: bool, eps: float, dropout: float,
-                 in_grid: Optional[tuple[int, int]] = None, in_cls: int = 0, kernel: int = 0) -> None:
+                 in_grid: Optional[tuple[int, int]] = None, in_cls: int = 0, kernel: int = 0,
+                 stem: Sequence[int] = ()) -> None:
         super().__init__()
         self.patch, self.grid, self.cls_tokens = patch, tuple(grid), cls_tokens
         self.in_grid, self.in_cls = in_grid, in_cls
+        self.stem = None
+        if stem:
+            layers: list[nn.Module] = []
+            for channels in stem:
+                layers += [nn.Conv2d(in_channels, channels, kernel_size=3, stride=2, padding=1),
+                           ChannelLayerNorm(channels, eps=eps), nn.GELU()]
+                in_channels = channels
+            self.stem = nn.Sequential(*layers)
+            patch //= 2 ** len(stem)
         kernel = kernel or patch
         self.proj = nn.Conv2d(in_channels, width, kernel_size=kernel, stride=patch, padding=(kernel - patch + 1) // 2)
         self.norm = nn.LayerNorm(width, eps=eps)
@@ -70,6 +89,8 @@ class PatchEmbedding(nn.Module):
         if self.in_grid is not None:  # tokens of the previous stage -> feature map
             h, w = self.in_grid
             x = x[:, self.in_cls:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        if self.stem is not None:
+            x = self.stem(x)
         x = self.proj(x)
         if tuple(x.shape[-2:]) != self.grid:
             raise ValueError(f"patch grid {tuple(x.shape[-2:])} differs from the configured {self.grid}: "
@@ -162,7 +183,8 @@ class ViTPatchEmbedding(PatchEmbedding):
         with seeded_init(config.seed, EMBEDDING_SALT):
             super().__init__(vision.num_channels, config.hidden_size, vision.patch_dim, vision.grid,
                              vision.cls_tokens, config.position_embedding_type == "learned",
-                             config.layernorm_epsilon, config.hidden_dropout, kernel=vision.patch_embed_kernel)
+                             config.layernorm_epsilon, config.hidden_dropout, kernel=vision.patch_embed_kernel,
+                             stem=vision.conv_stem_channels)
 
 
 def build_vit_layer(config: TransformerConfig, vision: VisionConfig, index: int) -> VisionTransformerLayer:

@@ -76,6 +76,12 @@ class VisionConfig:
                                     "(non-overlapping patches, the released ViT/ViL); larger = CvT's overlapping "
                                     "convolutional token embedding (stride --patch-dim, padding (k - p + 1) // 2, "
                                     "same grid).")
+    conv_stem_channels: list = _f([], "Convolutional stem (single-scale ViT-LS; Xiao et al. 2021, 'Early "
+                                      "convolutions help transformers see better'): one 3x3 stride-2 conv + "
+                                      "channel LayerNorm + GELU per value, with these output channels, then a "
+                                      "conv of kernel = stride = --patch-dim / 2^(values) to the hidden size. "
+                                      "Default: none (one conv of kernel --patch-embed-kernel).",
+                                  nargs="*", type=int)
     num_classes: int = _f(1000, "Number of classes; must equal the data set's.")
     pooling: str = _f("cls", "Classify the CLS token's output, or the mean of the patch outputs (no CLS token).",
                       choices=("cls", "mean"))
@@ -111,6 +117,16 @@ class VisionConfig:
                             f"{self.patch_dim} (a smaller kernel would skip pixels)")
         if self.patch_embed_kernel and self.vil_stages:
             problems.append("--patch-embed-kernel applies to the single-scale ViT-LS, not --vil-stages")
+        if self.conv_stem_channels:
+            stride = 2 ** len(self.conv_stem_channels)
+            if any(c < 1 for c in self.conv_stem_channels):
+                problems.append(f"--conv-stem-channels must be positive, got {self.conv_stem_channels}")
+            if self.vil_stages or self.patch_embed_kernel:
+                problems.append("--conv-stem-channels applies to the single-scale ViT-LS without "
+                                "--patch-embed-kernel (and not to --vil-stages)")
+            if self.patch_dim % stride:
+                problems.append(f"--conv-stem-channels: {len(self.conv_stem_channels)} stride-2 convs need "
+                                f"--patch-dim divisible by {stride}, got {self.patch_dim}")
         if self.num_classes < 2:
             problems.append(f"--num-classes must be >= 2, got {self.num_classes}")
         if not 0.0 <= self.drop_path_rate < 1.0:

@@ -120,3 +120,61 @@ def test_patch_embed_kernel_errors():
         _vision(patch_embed_kernel=3).validate()
     with pytest.raises(ConfigError, match="not --vil-stages"):
         _vision(img_h=16, img_w=16, patch_embed_kernel=7, vil_stages="tiny").validate()
+
+
+@pytest.mark.parametrize("stem,proj_kernel", [([8], 2), ([8, 12], 1)])
+def test_conv_stem_keeps_the_grid(stem, proj_kernel):
+    """--conv-stem-channels: stride-2 3x3 convs (+ channel LN + GELU), then kernel = stride = p / 2^n; same grid,
+    a patch sees pixels of its neighbours, and no parameter depends on the batch (no batch norm buffers)."""
+    model = ViTModel(_config(), _vision(conv_stem_channels=stem))
+    convs = [m for m in model.embedding.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == stem and all(c.stride == (2, 2) for c in convs)
+    assert model.embedding.proj.kernel_size == model.embedding.proj.stride == (proj_kernel, proj_kernel)
+    assert not list(model.embedding.buffers())
+    images = torch.randn(3, 1, 16, 12)
+    tokens = model.embedding(images)
+    assert tokens.shape == (3, 1 + 4 * 3, 16)
+    changed = images.clone()
+    changed[:, :, 5, 3] += 1.0  # just left of patch (1, 1)'s 4x4 square: the 3x3 convs reach it
+    moved = (model.embedding(changed) - tokens).abs().amax(dim=(0, 2))[1:].view(4, 3)
+    assert moved[1, 1] > 0 and moved[1, 0] > 0 and moved[3, 2] == 0
+    torch.testing.assert_close(model.embedding(images[:1]), tokens[:1])  # per image: the batch does not matter
+    model(images, torch.tensor([0, 1, 2])).sum().backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
+
+
+def test_conv_stem_errors():
+    with pytest.raises(ConfigError, match="need --patch-dim divisible by 8, got 4"):
+        _vision(conv_stem_channels=[8, 8, 8]).validate()
+    with pytest.raises(ConfigError, match="without --patch-embed-kernel"):
+        _vision(conv_stem_channels=[8], patch_embed_kernel=7).validate()
+    with pytest.raises(ConfigError, match="must be positive"):
+        _vision(conv_stem_channels=[0]).validate()
+
+
+def test_resume_refuses_another_patch_embedding(tmp_path):
+    """pretrain_vit_ls.check_resume names the stem / kernel flags that differ from the checkpoint's."""
+    import json
+    import sys
+
+    from megatron_ls.checkpoint_files import CheckpointError
+    from megatron_ls.model.vit_config import vision_config_to_dict
+
+    sys.path.insert(0, str(REPO))
+    from pretrain_vit_ls import check_resume
+
+    tag = tmp_path / "iter_0000002"
+    tag.mkdir()
+    saved = vision_config_to_dict(_vision(conv_stem_channels=[8, 16]))
+    (tag / "megatron_ls.json").write_text(json.dumps({"iteration": 2, "consumed_samples": 8, "vision": saved}))
+    (tmp_path / "latest").write_text("iter_0000002")
+
+    class Args:
+        class checkpoint:
+            load = str(tmp_path)
+
+    check_resume(Args, _vision(conv_stem_channels=[8, 16]))  # the same: accepted
+    with pytest.raises(CheckpointError, match=r"--conv-stem-channels is \[8\] here but \[8, 16\] in the checkpoint"):
+        check_resume(Args, _vision(conv_stem_channels=[8]))
+    with pytest.raises(CheckpointError, match="--patch-embed-kernel is 7 here but 0 in the checkpoint"):
+        check_resume(Args, _vision(patch_embed_kernel=7))
