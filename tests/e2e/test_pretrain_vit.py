@@ -15,8 +15,10 @@ from tests.vision_data import make_idx_dataset, make_image_folder
 pytestmark = [pytest.mark.e2e]
 
 ITERS = 4
-# 2 layers: one LS (window 2 on a 4x4 grid, r = 2, RPE, post-CLS), one MASFormer full layer; PP2 puts one per stage.
+# 2 layers: one LS (window 2 on a 4x4 grid, r = 2, RPE, post-CLS), one MASFormer full layer; PP2 puts one per stage;
+# a two-conv early-convolution stem in the embedding.
 VIT_FLAGS = ["--img-h", "16", "--img-w", "16", "--num-channels", "1", "--patch-dim", "4", "--num-classes", "4",
+             "--conv-stem-channels", "4", "8",
              "--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--window-size", "2",
              "--projection-rank", "2", "--full-attention-layers", "1", "--micro-batch-size", "2",
              "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "3e-3", "--log-interval", "1",

@@ -99,6 +99,16 @@ def test_imagenet_recipe_dry_run():
     assert "train_batch_size 1024 (DP=8), ZeRO 1" in proc.stdout
 
 
+def test_fashion_mnist_recipe_dry_run(tmp_path):
+    """The Fashion-MNIST example's flags parse and its model (conv stem, 4 LS layers) takes a batch."""
+    env = dict(os.environ, DATA=str(tmp_path), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(["bash", "examples/vision/fashion_mnist.sh", "--dry-run", "--save", str(tmp_path / "c")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ViTModel 0.48M parameters, batch (1, 1, 28, 28)" in proc.stdout
+
+
 @pytest.mark.parametrize("kernel", [4, 5, 7, 8])
 def test_overlapping_patch_embedding_keeps_the_grid_and_sees_neighbours(kernel):
     """--patch-embed-kernel k > p: CvT's overlapping conv tokens, same grid; a patch sees pixels of its neighbours."""
