@@ -212,9 +212,11 @@ def write_results(args: Arguments, summary: dict) -> None:
 
     payload = {"summary": summary, "args": _args_dict(args),
                "vision_flags": {k: v for k, v in vars(args.extra).items() if k != "local_rank"}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.extra.results_json)), exist_ok=True)
-    with open(args.extra.results_json, "w") as fh:
+    path = os.path.abspath(args.extra.results_json)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:  # then renamed: a reader never sees half a file
         json.dump(payload, fh, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def cli() -> None:
