@@ -22,7 +22,7 @@ its block's square (bias and mask gathered from precomputed index tables): O(P²
 scatter or chunk loop -- much faster when the square covers a good part of the grid (a 7×7 grid with 5×5 squares).
 ``implementation="autograd"`` is the reference: the same math vectorised over all blocks in plain autograd, memory
 O(N·((w+2e)² + E + r)) for the scores, probabilities and their copies. ``"auto"`` (the default) takes "dense" when
-the grid has at most ``max(S², DENSE_MAX_PATCHES)`` patches and "fused" otherwise. Attention dropout > 0
+the grid has at most ``DENSE_MAX_PATCHES`` (128) patches and "fused" otherwise. Attention dropout > 0
 takes the autograd path unless "dense" was chosen (the fused kernel would need the dropped probabilities for
 backward). The norms, the projection and the extra-token queries (E×N scores) run in plain autograd in all.
 """
@@ -42,10 +42,10 @@ from .projection import compute_dtype, project_bidirectional
 NEG_INF = float("-inf")
 EXTRA_QUERY_MODES = ("full", "post")
 IMPLEMENTATIONS = ("auto", "fused", "dense", "autograd")
-# "auto" scores densely when the grid has no more patches than one square (dense then does no more score work) or
-# at most DENSE_MAX_PATCHES: there the fused kernel's per-block gathers, scatters and chunk loop cost more than the
-# P² scores. Measured on CPU (tools/bench_vision.py --kinds ls-fused,ls-dense, docs/vision.md): w=3 dense 2.2x
-# faster at 49 patches, 1.5x at 100, 0.8x at 196; w=8 1.0x at 256 patches (= S²), 0.5x at 576. Unmeasured on GPU.
+# "auto" scores densely up to this many patches: below it the fused kernel's per-block gathers, scatters and chunk
+# loop cost more than the P² scores. Measured on CPU, one thread, quiet machine (tools/bench_vision.py --kinds
+# ls-fused,ls-dense; benchmarks/results/bench_vision_paths_cpu.json): dense/fused speed with w=3 2.2x at 49
+# patches, 1.4x at 100, 1.0x at 196; with w=8 0.9x at 256, 0.5x at 576. Unmeasured on GPU.
 DENSE_MAX_PATCHES = 128
 
 
@@ -193,7 +193,7 @@ def _patch_queries_dense(geom: Geometry, q_p, k_p, v_p, shared, window_bias, pat
 def _choose(implementation: str, geom: Geometry, dropout_p: float) -> str:
     if implementation == "auto":
         patches = geom.gh * geom.gw
-        dense = geom.window == 0 or patches <= max(geom.side ** 2, DENSE_MAX_PATCHES)
+        dense = geom.window == 0 or patches <= DENSE_MAX_PATCHES
         implementation = "dense" if dense else "fused"
     return "autograd" if implementation == "fused" and dropout_p > 0 else implementation
 
