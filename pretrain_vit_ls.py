@@ -208,15 +208,13 @@ def write_results(args: Arguments, summary: dict) -> None:
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return
+    from megatron_ls.checkpoint_files import atomic_write_text
     from megatron_ls.training.pretrain import _args_dict
 
     payload = {"summary": summary, "args": _args_dict(args),
                "vision_flags": {k: v for k, v in vars(args.extra).items() if k != "local_rank"}}
-    path = os.path.abspath(args.extra.results_json)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:  # then renamed: a reader never sees half a file
-        json.dump(payload, fh, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    os.makedirs(os.path.dirname(os.path.abspath(args.extra.results_json)), exist_ok=True)
+    atomic_write_text(args.extra.results_json, json.dumps(payload, indent=1, default=str))
 
 
 def cli() -> None:

@@ -14,7 +14,7 @@ Sequence layout: ``num_extra_tokens`` leading tokens (CLS, distillation, ...) th
   ``window_bias`` (H, w², S²) is added to the window scores of every block (a relative position bias: query
   ``a·w + b`` of a block, key ``c·S + d`` of its S×S square, S = w + 2e).
 
-Patch queries (``implementation="fused"``, the default) go through ``long_short_2d_fused.PatchQueryAttention``:
+Patch queries with ``implementation="fused"`` go through ``long_short_2d_fused.PatchQueryAttention``:
 one softmax per query over [square ; extra keys ; r projected keys], chunked over block rows, saving only its
 inputs, output and logsumexp and recomputing the scores in backward -- memory O(N·D) plus one chunk of scores.
 ``implementation="dense"`` scores every patch query against every patch key at once and masks what lies outside
@@ -260,7 +260,8 @@ def long_short_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     geom = Geometry(gh, gw, window, extension)
     chosen = _choose(implementation, geom, dropout_p)
     sq_ok = None
-    if window > 0 and chosen != "dense":  # (B|1, nbh, nbw, S²): which keys of each square exist (in the image, not padding)
+    # (B|1, nbh, nbw, S²): which keys of each block's square exist (inside the image, not padding)
+    if window > 0 and chosen != "dense":
         sq_ok = _grid_slabs(key_ok[:, ne:, None].to(cd), gh, gw, window, extension, 0.0)[..., 0] > 0
     shared = []  # keys every patch query sees: (keys, values, keep (B|1, X))
     if ne > 0:
