@@ -6,4 +6,5 @@ PY=${PYTHON:-python3}
 bash scripts/install.sh
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-"$PY" -m pytest tests "$@"
+# --durations: every CI log names the slowest tests, so the suite can be kept inside its time budget.
+"$PY" -m pytest tests --durations=25 "$@"
