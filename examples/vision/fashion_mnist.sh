@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A small ViT-LS on Fashion-MNIST from Debian's dataset-fashion-mnist (offline), on CPU. Extra flags are passed on.
-#   OMP_NUM_THREADS=2 bash examples/vision/fashion_mnist.sh --results-json benchmarks/results/vision_fashion_mnist_cpu.json
+#   OMP_NUM_THREADS=2 bash examples/vision/fashion_mnist.sh --results-json fmnist_run.json
 # 4 LS layers of width 96 on a 7x7 grid (+ CLS) behind a two-conv stem; 10000 iterations = 21.3 epochs at batch 128
 # (91.06% test top-1 in 128 min on 2 CPU threads; benchmarks/results/vision_fashion_mnist_cpu.json).
 set -euo pipefail
