@@ -29,7 +29,7 @@ setup(
     # so this pin never pulls another torch; scripts/install.sh constrains torch anyway).
     # megatron-core: the reference the data tests compare samples against (its wheels ship the compiled index
     # helpers; x86-64 CPython 3.10-3.13); installed under the torch pin, never replacing torch.
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "flask>=3.0", "requests>=2.31",
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "flask>=3.0", "requests>=2.31",
                             "transformers==5.23.0", "megatron-core==0.16.1; platform_machine == 'x86_64'"],
                     "inference": ["flask>=3.0"],  # tools/run_text_generation_server.py
                     "mpi": read_requirements("requirements-mpi.txt")},

@@ -68,6 +68,7 @@ def test_trains_reports_accuracy_saves_and_resumes_exactly(listops_prefix, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--zero-stage", "2"]],
                          ids=["tp2", "dp2-zero2"])
 def test_two_process_layouts_match_one_process(listops_prefix, layout):
