@@ -99,14 +99,29 @@ def test_imagenet_recipe_dry_run():
     assert "train_batch_size 1024 (DP=8), ZeRO 1" in proc.stdout
 
 
+def _fashion_mnist_example(tmp_path, nproc: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DATA=str(tmp_path), NPROC=str(nproc), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(["bash", "examples/vision/fashion_mnist.sh", "--dry-run", "--save", str(tmp_path / "c")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_fashion_mnist_recipe_dry_run(tmp_path):
     """The Fashion-MNIST example's flags parse and its model (conv stem, 4 LS layers) takes a batch."""
-    env = dict(os.environ, DATA=str(tmp_path), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(["bash", "examples/vision/fashion_mnist.sh", "--dry-run", "--save", str(tmp_path / "c")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _fashion_mnist_example(tmp_path, 1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ViTModel 0.48M parameters, batch (1, 1, 28, 28)" in proc.stdout
+    assert "ViTModel 0.54M parameters, batch (1, 1, 28, 28)" in proc.stdout
+    assert "train_batch_size 128 (DP=1)" in proc.stdout
+    bad = _fashion_mnist_example(tmp_path, 3)
+    assert bad.returncode != 0 and "NPROC=3 must divide the global batch 128" in bad.stderr
+
+
+@pytest.mark.distributed
+def test_fashion_mnist_recipe_dry_run_on_two_data_parallel_ranks(tmp_path):
+    """NPROC=2: torchrun starts two ranks of micro-batch 64; the global batch stays 128."""
+    proc = _fashion_mnist_example(tmp_path, 2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("train_batch_size 128 (DP=2)") == 2, proc.stdout
 
 
 @pytest.mark.parametrize("kernel", [4, 5, 7, 8])
