@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 bash scripts/install.sh
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-JOBS=${PYTEST_JOBS:-$(nproc)}
+JOBS=${PYTEST_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}  # nproc alone obeys OMP_NUM_THREADS
 
 status=0
 run_pass() {  # pytest exit 5 = this pass selected no test (e.g. a -k that matches only the other pass)
