@@ -116,7 +116,7 @@ def image_transforms(vision: VisionConfig, data: ImageDataConfig):
     mean, std = tuple(data.image_mean) or mean, tuple(data.image_std) or std
     common = dict(size=(vision.img_h, vision.img_w), mean=mean, std=std, eval_crop_fraction=data.eval_crop_fraction)
     train = ImageTransform(train=True, crop_scale=tuple(data.crop_scale), hflip_prob=data.hflip_prob,
-                           augment=data.data_augmentation, **common)
+                           augment=data.data_augmentation, crop_padding=data.crop_padding, **common)
     return train, ImageTransform(train=False, **common)
 
 

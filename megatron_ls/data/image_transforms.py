@@ -1,4 +1,5 @@
-"""Image transforms in torch: random resized crop, horizontal flip, resize + center crop, normalisation.
+"""Image transforms in torch: random resized crop or padded random crop, horizontal flip, resize + center crop,
+normalisation.
 
 Randomness comes from a numpy generator made from ``(seed, sample number)``, never from a global stream, so an
 augmented sample is the same whichever DataLoader worker, data-parallel rank or resumed run produces it.
@@ -65,8 +66,11 @@ class ImageTransform:
     hflip_prob: float = 0.5
     augment: bool = True
     eval_crop_fraction: float = 0.875
+    crop_padding: int = 0  # > 0: pad-and-crop (random translation) instead of the random resized crop
 
     def __post_init__(self) -> None:
+        if self.crop_padding < 0:
+            raise ValueError(f"--crop-padding must be >= 0, got {self.crop_padding}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 < self.eval_crop_fraction <= 1:
@@ -82,8 +86,11 @@ class ImageTransform:
         if self.train and self.augment:
             if rng is None:
                 raise ValueError("training transforms need the sample's generator")
-            top, left, h, w = resized_crop_box(x.shape[1], x.shape[2], self.crop_scale, self.crop_ratio, rng)
-            x = resize(x[:, top:top + h, left:left + w], self.size)
+            if self.crop_padding:
+                x = self.padded_crop(x, rng)
+            else:
+                top, left, h, w = resized_crop_box(x.shape[1], x.shape[2], self.crop_scale, self.crop_ratio, rng)
+                x = resize(x[:, top:top + h, left:left + w], self.size)
             if rng.uniform() < self.hflip_prob:
                 x = x.flip(-1)
         else:
@@ -91,6 +98,14 @@ class ImageTransform:
         mean = torch.tensor(self.mean, dtype=x.dtype)[:, None, None]
         std = torch.tensor(self.std, dtype=x.dtype)[:, None, None]
         return (x - mean) / std
+
+    def padded_crop(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Resize to ``size``, pad ``crop_padding`` zero (black, before normalisation) pixels on each side, take a
+        random ``size`` crop: a shift of up to ``crop_padding`` pixels each way, with no change of scale."""
+        th, tw, p = self.size[0], self.size[1], self.crop_padding
+        x = F.pad(resize(x, self.size), (p, p, p, p))
+        top, left = int(rng.integers(0, 2 * p + 1)), int(rng.integers(0, 2 * p + 1))
+        return x[:, top:top + th, left:left + tw]
 
     def center(self, x: torch.Tensor) -> torch.Tensor:
         """Resize so the crop of ``eval_crop_fraction`` of the shorter side is ``size``, then center-crop."""

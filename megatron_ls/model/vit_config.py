@@ -163,6 +163,9 @@ class ImageDataConfig:
     """Image decoding, augmentation and the mixing recipe (mixup / cutmix / label smoothing)."""
 
     crop_scale: list = _f([0.08, 1.0], "Random-resized-crop area fraction range (training).", nargs=2, type=float)
+    crop_padding: int = _f(0, "Training crop: pad this many black pixels on each side and take a random crop of "
+                              "the image size (random translation, no change of scale) instead of the random "
+                              "resized crop; 0 = random resized crop (--crop-scale).")
     hflip_prob: float = _f(0.5, "Horizontal flip probability (training).")
     data_augmentation: bool = _f(True, "Turn crop/flip augmentation off (training images are center-cropped like "
                                        "evaluation ones).", flag="--no-data-augmentation")

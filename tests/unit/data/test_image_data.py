@@ -138,6 +138,22 @@ def test_crop_box_and_eval_transform():
         ImageTransform(size=(8, 8), train=False, mean=(0.5,) * 3, std=(0.5,) * 3)(image)
 
 
+def test_padded_crop_is_a_seeded_shift_without_rescaling():
+    image = np.arange(1 * 8 * 8, dtype=np.uint8).reshape(1, 8, 8) * 3 + 10
+    t = ImageTransform(size=(8, 8), train=True, mean=(0.0,), std=(1.0,), crop_padding=2, hflip_prob=0.0)
+    padded = np.pad(image.astype(np.float32) / 255.0, ((0, 0), (2, 2), (2, 2)))
+    shifts = set()
+    for seed in range(40):
+        out = t(image, np.random.default_rng(seed)).numpy()
+        assert torch.equal(t(image, np.random.default_rng(seed)), torch.from_numpy(out))  # same seed, same crop
+        match = [(dy, dx) for dy in range(5) for dx in range(5) if np.allclose(out, padded[:, dy:dy + 8, dx:dx + 8])]
+        assert len(match) == 1  # exactly one shift of the padded image: pixels kept, black borders, no resize
+        shifts.add(match[0])
+    assert len(shifts) > 10  # the shift really is random over the 5x5 offsets
+    with pytest.raises(ValueError, match="--crop-padding"):
+        ImageTransform(size=(8, 8), train=True, mean=(0.0,), std=(1.0,), crop_padding=-1)
+
+
 def test_mixup_cutmix_smoothing():
     images = torch.arange(4 * 1 * 6 * 6, dtype=torch.float32).view(4, 1, 6, 6)
     labels = torch.tensor([0, 1, 2, 3])
