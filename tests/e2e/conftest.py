@@ -28,8 +28,9 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(args: list, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; on unexpected failure show its whole output."""
+def run_cli(args: list, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; on unexpected failure show its whole output. The timeout only guards
+    against hangs: on a slow or busy 2-core machine the ablation smoke test alone has needed over 300 s."""
     proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
