@@ -6,7 +6,8 @@
 
 ``--load`` is a training checkpoint of any TP x PP layout (merged on load) or a consolidated directory
 (``tools/convert_checkpoint.py --consolidated-dir``). The image size, channels, classes and the evaluation
-transform (normalisation, center crop) are the checkpoint's unless given here.
+transform (normalisation, center crop) are the checkpoint's unless given here. ``--hflip-tta`` averages the class
+probabilities of each image and its horizontal mirror (test-time augmentation; the result says so).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batch-size", type=int, default=256)
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--bad-image", default=None, choices=("fail", "skip"))
+    p.add_argument("--hflip-tta", action="store_true",
+                   help="test-time augmentation: average the class probabilities of each image and its horizontal "
+                        "mirror (two forward passes; recorded as hflip_tta in the result)")
     p.add_argument("--results-json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     import torch
@@ -56,17 +60,24 @@ def main(argv=None) -> dict:
     if total == 0:
         raise ValueError(f"--data-path {args.data_path}: the {args.split} split holds no images")
     collate = ImageCollator()
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        if not args.hflip_tta:
+            return model(images)
+        views = [model(images).float().softmax(-1), model(images.flip(-1)).float().softmax(-1)]
+        return (0.5 * (views[0] + views[1])).log()  # log-probabilities: the loss is the averaged prediction's
     stats = torch.zeros(4, dtype=torch.float64)
     start = time.time()
     with torch.no_grad():
         for first in range(0, total, args.micro_batch_size):
             batch = collate([dataset[i] for i in range(first, min(first + args.micro_batch_size, total))])
-            stats += classification_stats(model(batch["tokens"]), batch["labels"])
+            stats += classification_stats(predict(batch["tokens"]), batch["labels"])
     loss_sum, top1, top5, count = stats.tolist()
     result = {"checkpoint": os.path.abspath(args.load), "data_path": args.data_path, "split": args.split,
               "images": int(count), "loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
-              "iteration": metadata.get("iteration"), "seconds": time.time() - start}
-    print(f" {args.split} | images: {result['images']} | loss: {result['loss']:.6E} | top-1 accuracy: "
+              "iteration": metadata.get("iteration"), "hflip_tta": args.hflip_tta, "seconds": time.time() - start}
+    views = " | views: image + mirror (hflip TTA)" if args.hflip_tta else ""
+    print(f" {args.split}{views} | images: {result['images']} | loss: {result['loss']:.6E} | top-1 accuracy: "
           f"{result['top1']:.2f}% | top-5 accuracy: {result['top5']:.2f}% |")
     if args.results_json:
         with open(args.results_json, "w") as fh:

@@ -5,6 +5,7 @@ The parallel runs share ONE torchrun launch (workers/vit_layouts.py runs the lay
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -100,3 +101,22 @@ def test_consolidate_and_evaluate(reference, idx_dir, tmp_path):
         assert result["images"] == 22
         assert result["top1"] == pytest.approx(summary["test_metrics"]["top1"])
         assert result["loss"] == pytest.approx(summary["test_metrics"]["loss"], rel=1e-5)
+
+
+def test_hflip_tta_sees_an_image_and_its_mirror_alike(reference, idx_dir, tmp_path):
+    """With --hflip-tta the data set and its mirrored copy score the same (each view set is the same pair)."""
+    from megatron_ls.data.image_idx import read_idx, write_idx
+    from tools.eval_image_classifier import main as eval_main
+
+    ckpt = reference[2]
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in os.listdir(idx_dir):
+        array = read_idx(os.path.join(idx_dir, name))
+        write_idx(str(mirror / name.removesuffix(".gz")), array[..., ::-1].copy() if "images" in name else array)
+    plain = [eval_main(["--load", str(ckpt), "--data-path", d]) for d in (idx_dir, str(mirror))]
+    tta = [eval_main(["--load", str(ckpt), "--data-path", d, "--hflip-tta"]) for d in (idx_dir, str(mirror))]
+    assert plain[0]["loss"] != pytest.approx(plain[1]["loss"], rel=1e-6)  # the model is not mirror-symmetric
+    assert tta[0]["hflip_tta"] and tta[0]["top1"] == tta[1]["top1"] and tta[0]["top5"] == tta[1]["top5"]
+    assert tta[0]["loss"] == pytest.approx(tta[1]["loss"], rel=1e-5)
+    assert tta[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-6)
