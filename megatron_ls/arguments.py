@@ -81,7 +81,7 @@ class FriendlyArgumentParser(argparse.ArgumentParser):
 
 def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str) -> None:
     meta = f.metadata
-    help_text = meta["help"]
+    help_text = meta["help"].replace("%", "%%")  # argparse formats help with %-substitution
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     flag = _flag_name(f)
     if f.type in ("bool", bool):
@@ -102,7 +102,8 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str) 
     if "choices" in meta and "type" in kwargs and kwargs["type"] is str and isinstance(meta["choices"][0], int):
         kwargs["type"] = int
     if default is not None and "nargs" not in meta:
-        kwargs["help"] += f" Default: {default}."
+        # Formatted by argparse at --help time, so an entry point's set_defaults (vision: no dropout) shows.
+        kwargs["help"] += " Default: %(default)s."
     group.add_argument(flag, **kwargs)
 
 

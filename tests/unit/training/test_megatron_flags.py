@@ -175,3 +175,20 @@ def test_help_has_no_placeholder_metavars():
                  "--lr-decay-samples", "--lr-warmup-samples", "--lr-wsd-decay-style", "--lr-wsd-decay-iters",
                  "--lr-wsd-decay-samples", "--sequence-parallel", "--use-flash-attn"):
         assert flag in out, flag
+
+
+def test_help_shows_the_entry_points_own_defaults():
+    """pretrain_vit_ls.py turns dropout off and widens the window by default; its --help must say so."""
+    import re
+
+    vit = subprocess.run([sys.executable, "pretrain_vit_ls.py", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    gpt = subprocess.run([sys.executable, "pretrain_gpt_ls.py", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+
+    def default_of(out: str, flag: str) -> str:
+        block = re.search(rf"^  {flag} \S+\n(.*?)(?=^  -)", out, re.S | re.M).group(1)
+        return re.search(r"Default:\s+(\S+)\.", " ".join(block.split())).group(1)
+
+    assert default_of(vit, "--hidden-dropout") == "0.0" and default_of(gpt, "--hidden-dropout") == "0.1"
+    assert default_of(vit, "--window-size") == "7" and default_of(gpt, "--window-size") != "7"
