@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,7 +34,11 @@ def partition_dims(config: TransformerConfig) -> dict[str, Optional[int]]:
     """``{parameter name: TP partition dim or None}`` for a GPTModel of this config."""
     from megatron_ls.model import GPTModel
 
-    model = GPTModel(config)
+    return model_partition_dims(GPTModel(config))
+
+
+def model_partition_dims(model: torch.nn.Module) -> dict[str, Optional[int]]:
+    """``{parameter name: TP partition dim or None}`` from the TP layers' own tags on a single-process model."""
     return {name: (int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None)
             for name, p in model.named_parameters()}
 
@@ -45,17 +49,17 @@ def _load(path: str) -> dict:
     return safe_torch_load(path)
 
 
-def read_tp_shards(load_dir: str) -> tuple[TransformerConfig, list[dict], dict]:
-    """(config, one GPTModel-named state dict per TP rank, metadata) of the checkpoint ``latest`` points at."""
-    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata
+def read_layout_shards(load_dir: str, tag: str, metadata: dict, num_layers: int,
+                       layer_prefix: Callable[[int, int], Optional[str]]) -> list[dict]:
+    """One model-named state dict per TP rank of the checkpoint ``tag``, at the TP x PP layout its metadata names.
 
-    tag = read_latest_tag(load_dir)
-    metadata = read_metadata(load_dir, tag)
-    config = transformer_config_from_dict(metadata["args"]["model"])
+    A pipeline checkpoint has one file per layer and TP rank; ``layer_prefix(index, num_layers)`` names where
+    layer file ``index`` sits in the single-process model (``"embedding."``, ``"layers.3."``, ...).
+    """
     layout = metadata.get("layout", {})
     tp = int(layout.get("tensor_model_parallel_size", 1))
     pp = int(layout.get("pipeline_model_parallel_size", 1))
-    if metadata["args"]["parallel"].get("zero_stage", 0) == 3:
+    if int(metadata["args"]["parallel"].get("zero_stage", 0)) == 3:
         raise InferenceCheckpointError(f"{load_dir}: ZeRO-3 partitions the weights themselves; re-save without "
                                        f"ZeRO-3 (or use DeepSpeed's zero_to_fp32) before converting")
     ckpt = os.path.join(load_dir, tag)
@@ -65,13 +69,22 @@ def read_tp_shards(load_dir: str) -> tuple[TransformerConfig, list[dict], dict]:
             shards.append(dict(_load(os.path.join(ckpt, f"mp_rank_{t:02d}_model_states.pt"))["module"]))
             continue
         merged: dict = {}
-        for layer_index in range(config.num_layers + 2):
+        for layer_index in range(num_layers + 2):
             path = os.path.join(ckpt, f"layer_{layer_index:02d}-model_{t:02d}-model_states.pt")
-            prefix = _layer_prefix(layer_index, config.num_layers)
-            for name, tensor in _load(path).items():
-                merged[prefix + name] = tensor
+            prefix = layer_prefix(layer_index, num_layers)
+            merged.update({prefix + name: tensor for name, tensor in _load(path).items()})
         shards.append(merged)
-    return config, shards, metadata
+    return shards
+
+
+def read_tp_shards(load_dir: str) -> tuple[TransformerConfig, list[dict], dict]:
+    """(config, one GPTModel-named state dict per TP rank, metadata) of the checkpoint ``latest`` points at."""
+    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata
+
+    tag = read_latest_tag(load_dir)
+    metadata = read_metadata(load_dir, tag)
+    config = transformer_config_from_dict(metadata["args"]["model"])
+    return config, read_layout_shards(load_dir, tag, metadata, config.num_layers, _layer_prefix), metadata
 
 
 def merge_tp_shards(shards: list[dict], dims: dict[str, Optional[int]]) -> dict:

@@ -3,8 +3,8 @@
 A vision training checkpoint's metadata holds ``vision`` (the ``VisionConfig``). Pipeline files are
 ``layer_00`` = ``embedding``, ``layer_01..L`` = ``layers.i``, ``layer_{L+1}`` = ``head`` (``vit_pipeline.py``).
 Which dimension a parameter is split along under TP comes from the model's own ``partition_dim`` tags, as in
-the GPT converter, whose merge code this reuses. A consolidated directory is the GPT one (``model.safetensors``
-+ ``config.json``) with the vision settings in its metadata.
+the GPT converter, whose shard reading and merge code this reuses. A consolidated directory is the GPT one
+(``model.safetensors`` + ``config.json``) with the vision settings in its metadata.
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def build_vision_model(config: TransformerConfig, vision: VisionConfig) -> nn.Mo
 
 
 def vision_partition_dims(config: TransformerConfig, vision: VisionConfig) -> dict[str, Optional[int]]:
-    model = build_vision_model(config, vision)
-    return {name: (int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None)
-            for name, p in model.named_parameters()}
+    """``{parameter name: TP partition dim or None}`` for the vision model of these settings."""
+    from megatron_ls.inference.convert import model_partition_dims
+
+    return model_partition_dims(build_vision_model(config, vision))
 
 
 def _pipeline_prefix(index: int, num_layers: int) -> str:
@@ -60,8 +61,8 @@ def is_vision_checkpoint(path: str) -> bool:
 
 def read_vision_checkpoint(load_dir: str) -> tuple[TransformerConfig, VisionConfig, dict, dict]:
     """``(config, vision, full weights, metadata)`` of a vision training checkpoint saved at any TP x PP."""
-    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata, safe_torch_load
-    from megatron_ls.inference.convert import merge_tp_shards
+    from megatron_ls.checkpoint_files import read_latest_tag, read_metadata
+    from megatron_ls.inference.convert import merge_tp_shards, read_layout_shards
 
     tag = read_latest_tag(load_dir)
     metadata = read_metadata(load_dir, tag)
@@ -69,22 +70,7 @@ def read_vision_checkpoint(load_dir: str) -> tuple[TransformerConfig, VisionConf
         raise InferenceCheckpointError(f"{load_dir}: not a vision checkpoint (its metadata has no vision settings)")
     config = transformer_config_from_dict(metadata["args"]["model"])
     vision = vision_config_from_dict(metadata["vision"])
-    layout = metadata.get("layout", {})
-    tp, pp = int(layout.get("tensor_model_parallel_size", 1)), int(layout.get("pipeline_model_parallel_size", 1))
-    if int(metadata["args"]["parallel"].get("zero_stage", 0)) == 3:
-        raise InferenceCheckpointError(f"{load_dir}: ZeRO-3 partitions the weights themselves; re-save without "
-                                       f"ZeRO-3 (or use DeepSpeed's zero_to_fp32) before converting")
-    ckpt = os.path.join(load_dir, tag)
-    shards = []
-    for t in range(tp):
-        if pp == 1:
-            shards.append(dict(safe_torch_load(os.path.join(ckpt, f"mp_rank_{t:02d}_model_states.pt"))["module"]))
-            continue
-        merged = {}
-        for index in range(config.num_layers + 2):
-            path = os.path.join(ckpt, f"layer_{index:02d}-model_{t:02d}-model_states.pt")
-            merged.update({_pipeline_prefix(index, config.num_layers) + k: v for k, v in safe_torch_load(path).items()})
-        shards.append(merged)
+    shards = read_layout_shards(load_dir, tag, metadata, config.num_layers, _pipeline_prefix)
     full = merge_tp_shards(shards, vision_partition_dims(config, vision))
     return config, vision, full, metadata
 
