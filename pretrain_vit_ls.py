@@ -114,9 +114,12 @@ def image_transforms(vision: VisionConfig, data: ImageDataConfig):
 
     mean, std = default_normalisation(vision.num_channels)
     mean, std = tuple(data.image_mean) or mean, tuple(data.image_std) or std
-    common = dict(size=(vision.img_h, vision.img_w), mean=mean, std=std, eval_crop_fraction=data.eval_crop_fraction)
+    common = dict(size=(vision.img_h, vision.img_w), mean=mean, std=std, eval_crop_fraction=data.eval_crop_fraction,
+                  interpolation=data.interpolation)
     train = ImageTransform(train=True, crop_scale=tuple(data.crop_scale), hflip_prob=data.hflip_prob,
-                           augment=data.data_augmentation, crop_padding=data.crop_padding, **common)
+                           augment=data.data_augmentation, crop_padding=data.crop_padding,
+                           auto_augment=data.auto_augment, color_jitter=data.color_jitter,
+                           random_erase_prob=data.random_erase_prob, **common)
     return train, ImageTransform(train=False, **common)
 
 
@@ -160,6 +163,10 @@ def main(argv=None) -> dict:
                       extra_args_provider=vision_args, defaults=VISION_DEFAULTS)
     vision, data = vision_configs(args)
     check_vision_arguments(args, vision)
+    try:
+        image_transforms(vision, data)  # bad augmentation flags fail here, before any process group or model
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.extra.dry_run:
         return dry_run(args, vision, data)
     if args.checkpoint.load:

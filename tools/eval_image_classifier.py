@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     mean, std = default_normalisation(vision.num_channels)
     transform = ImageTransform(size=(vision.img_h, vision.img_w), train=False,
                                mean=tuple(data.get("image_mean") or mean), std=tuple(data.get("image_std") or std),
-                               eval_crop_fraction=data.get("eval_crop_fraction", 0.875))
+                               eval_crop_fraction=data.get("eval_crop_fraction", 0.875),
+                               interpolation=data.get("interpolation", "bilinear"))
     dataset = ImageClassificationDataset(valid if args.split == "valid" else test, transform, seed=0)
     total = min(len(dataset), args.max_images or len(dataset))
     if total == 0:

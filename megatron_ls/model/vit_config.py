@@ -169,6 +169,16 @@ class ImageDataConfig:
     hflip_prob: float = _f(0.5, "Horizontal flip probability (training).")
     data_augmentation: bool = _f(True, "Turn crop/flip augmentation off (training images are center-cropped like "
                                        "evaluation ones).", flag="--no-data-augmentation")
+    interpolation: str = _f("bilinear", "Resampling of every resize (crops, evaluation): antialiased bilinear, or "
+                                        "bicubic as the released recipe (INPUT.INTERPOLATION 3).",
+                            choices=("bilinear", "bicubic"))
+    auto_augment: str = _f("", "RandAugment after crop and flip, as a timm-style spec (the released recipe: "
+                               "rand-m9-mstd0.5-inc1 = 2 ops of magnitude ~N(9, 0.5) from the increasing set, "
+                               "each with p 0.5); empty = off. See docs/vision.md.")
+    color_jitter: float = _f(0.0, "Brightness/contrast/saturation jitter strength; like the released (timm) "
+                                  "recipe it is used only without --auto-augment.")
+    random_erase_prob: float = _f(0.0, "Random erasing probability per training image, per-pixel normal values on "
+                                       "the normalised image (the released recipe: 0.25; timm's --reprob).")
     eval_crop_fraction: float = _f(0.875, "Evaluation: resize so the center crop is this fraction of the shorter "
                                           "side (1.0 = resize to the image size).")
     image_mean: list = _f([], "Per-channel normalisation mean (default ImageNet's for RGB, 0.5 otherwise).",
