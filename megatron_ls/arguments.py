@@ -189,6 +189,8 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
                         "pipeline recomputes uniform groups of layers); use --recompute-method uniform")
     if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
         problems.append("--exit-interval must be positive")
+    if args.logging.exit_duration_in_mins is not None and not args.logging.exit_duration_in_mins > 0:
+        problems.append(f"--exit-duration-in-mins must be positive, got {args.logging.exit_duration_in_mins}")
     if args.checkpoint.save_interval is not None and args.checkpoint.save_interval <= 0:
         problems.append("--save-interval must be positive")
     if args.training.deepspeed_config and not os.path.isfile(args.training.deepspeed_config):

@@ -431,6 +431,14 @@ class LoggingConfig:
     eval_interval: Optional[int] = _f(None, "Iterations between validation runs (default: only at the end).")
     eval_iters: int = _f(10, "Validation iterations per evaluation.")
     exit_interval: Optional[int] = _f(None, "Exit (after saving) when the iteration is a multiple of this.")
+    exit_duration_in_mins: Optional[float] = _f(None, "Exit (after saving) after the first iteration that ends "
+                                                      "this many minutes after the process started; all ranks "
+                                                      "agree after every iteration. Resume with --load.")
+    exit_signal_handler: bool = _f(False, "On --exit-signal (e.g. from SLURM before its time limit, or on "
+                                          "preemption) finish the iteration, save (with --save) and exit with "
+                                          "status 0; one rank receiving it is enough. Resume with --load.")
+    exit_signal: str = _f("SIGTERM", "The signal --exit-signal-handler catches.",
+                          choices=("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
     tensorboard_dir: Optional[str] = _f(None, "Write tensorboard scalars here.")
     tensorboard_log_interval: int = _f(1, "Iterations between tensorboard writes.")
 

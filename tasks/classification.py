@@ -29,7 +29,7 @@ from megatron_ls.training.initialize import initialize_megatron_ls
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
-from megatron_ls.training.pretrain import check_precision_supported
+from megatron_ls.training.pretrain import check_precision_supported, early_exits
 from megatron_ls.training.steps import build_steps
 
 PAD_MULTIPLE = 8  # micro-batches are padded to their longest example, rounded up to this
@@ -246,6 +246,7 @@ def train_classification(args: Arguments) -> dict:
     counted_iter = counting(train_iter)
     # Non-finite steps as in pretraining: skipped and counted, --nonfinite-steps-limit in a row stop in one line.
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
+    exits, stop = early_exits(args), None
     while iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr
@@ -274,13 +275,16 @@ def train_classification(args: Arguments) -> dict:
         saved_now = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)
         if saved_now:
             save(iteration)
-        if lg.exit_interval and iteration % lg.exit_interval == 0:
+        stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
+                else exits.check())  # the same on every rank
+        if stop:
             exited_early = True
             break
+    exits.restore()
     if ck.save and not saved_now and iteration not in (0, loaded_iteration):
-        save(iteration)  # the final state, or the one --exit-interval stops at
+        save(iteration)  # the final state, or the one an early exit stops at
     if exited_early:
-        print_rank_0(f" exiting program at iteration {iteration} (--exit-interval {lg.exit_interval})")
+        print_rank_0(f" exiting program at iteration {iteration} {stop}")
     else:
         summary["valid"] = run_eval("valid", iteration, None)
         summary["test"] = run_eval("test", iteration, None)

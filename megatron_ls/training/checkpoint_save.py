@@ -23,12 +23,12 @@ import os
 import shutil
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron_ls.checkpoint_files import (FORMAT_VERSION, LATEST_FILE, METADATA_FILE, CheckpointError,
                                           atomic_write_text, checkpoint_tag, displaced_tag, durable_torch_save,
                                           fsync_dir, safe_torch_load)
+from megatron_ls.training.exit_conditions import any_rank
 
 TMP_PREFIX = ".tmp-"
 
@@ -119,13 +119,7 @@ def install_checkpoint_engine(engine: Any) -> Any:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on at least one (a collective)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return any_rank([flag])[0]
 
 
 def _first_failure(failure: Optional[str]) -> str:

@@ -15,6 +15,7 @@ from megatron_ls.arguments import Arguments, build_deepspeed_config
 from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
 from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import build_data_iterator
+from megatron_ls.training.exit_conditions import ExitConditions
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, format_iteration_line,
@@ -190,6 +191,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     skipped_total = 0
     exited_early = False
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16, loss_name=task.loss_name)
+    exits = early_exits(args)
     while iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr  # the rate this step uses (the scheduler moves on inside the step)
@@ -221,12 +223,15 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             run_eval("validation", valid_ds, iteration, "validation")
         if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
             save(iteration)
-        if lg.exit_interval and iteration % lg.exit_interval == 0:
+        stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
+                else exits.check())  # the same on every rank
+        if stop:
             if ck.save and not (ck.save_interval and iteration % ck.save_interval == 0):
                 save(iteration)
-            print_rank_0(f" exiting program at iteration {iteration} (--exit-interval {lg.exit_interval})")
+            print_rank_0(f" exiting program at iteration {iteration} {stop}")
             exited_early = True
             break
+    exits.restore()
     if not exited_early:
         if ck.save and not (ck.save_interval and iteration % ck.save_interval == 0):
             save(iteration)
@@ -239,6 +244,17 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(f" tensorboard logs: {os.path.abspath(lg.tensorboard_dir)}")
     tb.close()
     return summary
+
+
+def early_exits(args: Arguments) -> ExitConditions:
+    """--exit-duration-in-mins / --exit-signal-handler for this run, the signal handler installed."""
+    lg = args.logging
+    exits = ExitConditions(lg.exit_duration_in_mins, lg.exit_signal_handler, lg.exit_signal)
+    if exits.active and not args.checkpoint.save:
+        print_rank_0(" warning: --exit-duration-in-mins / --exit-signal-handler without --save: an early exit "
+                     "keeps nothing to resume from")
+    exits.install()
+    return exits
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -67,6 +67,14 @@ def test_trains_reports_accuracy_saves_and_resumes_exactly(listops_prefix, tmp_p
     assert bad.returncode != 0 and "cls_last_layer is False here but True in the checkpoint" in bad.stderr
 
 
+def test_exit_duration_saves_and_stops(listops_prefix, tmp_path):
+    """The Megatron early exits work in this loop too (one rank here; tests/e2e/test_early_exit.py has signals)."""
+    out = run_cli(tasks_cmd(listops_prefix, "--train-iters", "4", "--save", str(tmp_path / "c"),
+                            "--exit-duration-in-mins", "0.0001")).stdout
+    assert "exiting program at iteration 1 after " in out and "(--exit-duration-in-mins 0.0001)" in out
+    assert (tmp_path / "c" / "latest").read_text().strip() == "iter_0000001" and "metrics for test" not in out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--zero-stage", "2"]],
