@@ -61,6 +61,14 @@ def check_vision_arguments(args: Arguments, vision: VisionConfig) -> None:
     if args.model.position_embedding_type == "rope":
         problems.append("--position-embedding-type rope is not supported for vision (learned = the absolute "
                         "position embedding, none = relative position bias only)")
+    m = args.model
+    llama = [flag for flag, on in (("--normalization RMSNorm", m.normalization == "RMSNorm"), ("--swiglu", m.swiglu),
+                                   ("--disable-bias-linear", not m.add_bias_linear),
+                                   ("--untie-embeddings-and-output-weights", m.untie_embeddings_and_output_weights))
+             if on]
+    if llama:
+        problems.append(f"{', '.join(llama)}: GPT-LS options, not built for the vision models (LayerNorm, GELU, "
+                        f"biases as the released ViL)")
     if vision.vil_stages:
         if p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1:
             problems.append("--vil-stages (multi-scale ViL-LS) runs with data parallelism and ZeRO 0-3 only; "

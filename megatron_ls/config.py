@@ -47,6 +47,14 @@ class TransformerConfig:
     hidden_dropout: float = _f(0.1, "Dropout on the residual branches and embeddings.")
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
     layernorm_epsilon: float = _f(1e-5, "LayerNorm epsilon.")
+    normalization: str = _f("LayerNorm", "The block and final norms: LayerNorm (GPT-LS as published) or RMSNorm. "
+                                         "DualLN stays LayerNorm.", choices=("LayerNorm", "RMSNorm"))
+    swiglu: bool = _f(False, "SwiGLU MLP (silu(x W_gate) * x W_up) instead of GELU; the default --ffn-hidden-size "
+                             "becomes Megatron's int(8h/3 / 64) * 64.")
+    add_bias_linear: bool = _f(True, "Drop the biases of the attention (QKV and projection logits, output) and MLP "
+                                     "linear layers.", flag="--disable-bias-linear")
+    untie_embeddings_and_output_weights: bool = _f(False, "A separate output matrix instead of the input "
+                                                          "embedding as LM head.")
     init_method_std: float = _f(0.02, "Standard deviation of the normal weight initialisation.")
     window_size: int = _f(128, "Long-Short sliding-window size w (0 = projection-only attention).")
     segment_length: int = _f(16, "Chunk length l of the causal dynamic projection.")
@@ -86,8 +94,8 @@ class TransformerConfig:
     seed: int = _f(1234, "Random seed (weights, dropout, data order).")
 
     def __post_init__(self) -> None:
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.ffn_hidden_size is None:  # Megatron-LM's defaults (SwiGLU: about 8h/3, a multiple of 64)
+            self.ffn_hidden_size = int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         self.full_attention_layers = tuple(int(i) for i in self.full_attention_layers)
@@ -115,7 +123,10 @@ class TransformerConfig:
         if self.num_attention_heads > 0 and self.num_attention_heads % tensor_model_parallel_size:
             problems.append(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                             f"--tensor-model-parallel-size {tensor_model_parallel_size}")
-        if self.ffn_hidden_size % tensor_model_parallel_size:
+        if self.ffn_hidden_size <= 0:
+            problems.append(f"--ffn-hidden-size must be positive, got {self.ffn_hidden_size}"
+                            + (" (the --swiglu default for this --hidden-size; set it)" if self.swiglu else ""))
+        elif self.ffn_hidden_size % tensor_model_parallel_size:
             problems.append(f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
                             f"--tensor-model-parallel-size {tensor_model_parallel_size}")
         if self.window_size < 0:

@@ -62,6 +62,9 @@ def check_task_arguments(args: Arguments) -> None:
         problems.append(f"--cls-init-std must be >= 0, got {e.cls_init_std}")
     if e.bucket_batches < 0:
         problems.append(f"--bucket-batches must be >= 0, got {e.bucket_batches}")
+    if args.model.untie_embeddings_and_output_weights:
+        problems.append("--untie-embeddings-and-output-weights does not apply to sequence classification (its "
+                        "head is a classifier, not an LM head)")
     if e.pooling == "cls" and e.cls_last_layer:
         problems.append("--pooling cls and --cls-last-layer are two different CLS schemes: pick one")
     if problems:

@@ -16,8 +16,8 @@ import torch
 from megatron_ls.config import TransformerConfig, config_to_dict, transformer_config_from_dict
 from megatron_ls.inference.checkpoint_io import InferenceCheckpointError, save_consolidated
 
-# In a PipelineModule checkpoint, layer file 0 is the embedding, 1..L the transformer layers, L+1 the final LN
-# (the tied LM head is not written: it shares the embedding's weight).
+# In a PipelineModule checkpoint, layer file 0 is the embedding, 1..L the transformer layers, L+1 the final norm,
+# L+2 the untied output layer if there is one (the tied LM head is not written: it shares the embedding's weight).
 
 
 def _layer_prefix(layer_index: int, num_layers: int) -> Optional[str]:
@@ -27,7 +27,14 @@ def _layer_prefix(layer_index: int, num_layers: int) -> Optional[str]:
         return f"layers.{layer_index - 1}."
     if layer_index == num_layers + 1:
         return "final_layernorm."
+    if layer_index == num_layers + 2:  # --untie-embeddings-and-output-weights
+        return "output_layer."
     return None
+
+
+def pipeline_layer_files(config: TransformerConfig) -> int:
+    """How many ``layer_LL`` files a GPT pipeline checkpoint has (the tied head is not written; an untied one is)."""
+    return config.num_layers + (3 if config.untie_embeddings_and_output_weights else 2)
 
 
 def partition_dims(config: TransformerConfig) -> dict[str, Optional[int]]:
@@ -50,11 +57,13 @@ def _load(path: str) -> dict:
 
 
 def read_layout_shards(load_dir: str, tag: str, metadata: dict, num_layers: int,
-                       layer_prefix: Callable[[int, int], Optional[str]]) -> list[dict]:
+                       layer_prefix: Callable[[int, int], Optional[str]], num_files: Optional[int] = None
+                       ) -> list[dict]:
     """One model-named state dict per TP rank of the checkpoint ``tag``, at the TP x PP layout its metadata names.
 
     A pipeline checkpoint has one file per layer and TP rank; ``layer_prefix(index, num_layers)`` names where
-    layer file ``index`` sits in the single-process model (``"embedding."``, ``"layers.3."``, ...).
+    layer file ``index`` sits in the single-process model (``"embedding."``, ``"layers.3."``, ...); there are
+    ``num_files`` of them (default ``num_layers + 2``).
     """
     layout = metadata.get("layout", {})
     tp = int(layout.get("tensor_model_parallel_size", 1))
@@ -69,7 +78,7 @@ def read_layout_shards(load_dir: str, tag: str, metadata: dict, num_layers: int,
             shards.append(dict(_load(os.path.join(ckpt, f"mp_rank_{t:02d}_model_states.pt"))["module"]))
             continue
         merged: dict = {}
-        for layer_index in range(num_layers + 2):
+        for layer_index in range(num_files or num_layers + 2):
             path = os.path.join(ckpt, f"layer_{layer_index:02d}-model_{t:02d}-model_states.pt")
             prefix = layer_prefix(layer_index, num_layers)
             merged.update({prefix + name: tensor for name, tensor in _load(path).items()})
@@ -84,7 +93,8 @@ def read_tp_shards(load_dir: str) -> tuple[TransformerConfig, list[dict], dict]:
     tag = read_latest_tag(load_dir)
     metadata = read_metadata(load_dir, tag)
     config = transformer_config_from_dict(metadata["args"]["model"])
-    return config, read_layout_shards(load_dir, tag, metadata, config.num_layers, _layer_prefix), metadata
+    shards = read_layout_shards(load_dir, tag, metadata, config.num_layers, _layer_prefix, pipeline_layer_files(config))
+    return config, shards, metadata
 
 
 def merge_tp_shards(shards: list[dict], dims: dict[str, Optional[int]]) -> dict:
@@ -134,7 +144,7 @@ def write_training_checkpoint(save_dir: str, config: TransformerConfig, full: di
             atomic_torch_save({"module": shard, "dp_world_size": 1, "mp_world_size": tp},
                               os.path.join(ckpt, f"mp_rank_{t:02d}_model_states.pt"))
             continue
-        for layer_index in range(config.num_layers + 2):
+        for layer_index in range(pipeline_layer_files(config)):
             prefix = _layer_prefix(layer_index, config.num_layers)
             layer = {k[len(prefix):]: v for k, v in shard.items() if k.startswith(prefix)}
             atomic_torch_save(layer, os.path.join(ckpt, f"layer_{layer_index:02d}-model_{t:02d}-model_states.pt"))

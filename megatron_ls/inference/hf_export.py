@@ -1,7 +1,7 @@
 """Hugging Face export: a GPT-LS checkpoint as a ``trust_remote_code`` model directory.
 
 ``export_hf(directory, config, state)`` writes ``config.json``, ``model.safetensors`` (weights renamed to the
-remote-code modules' names, the tied LM head not stored), ``generation_config.json``, the remote-code files of
+remote-code modules' names, a tied LM head not stored), ``generation_config.json``, the remote-code files of
 ``megatron_ls/inference/hf_remote/`` (torch + transformers only) and, when the tokenizer can be expressed for
 Hugging Face, ``tokenizer.json`` + ``tokenizer_config.json``. Needs neither transformers nor tokenizers itself.
 """
@@ -30,6 +30,7 @@ _RENAMES = (
     (r"^layers\.(\d+)\.self_attention\.", r"model.layers.\1.self_attn."),
     (r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|mlp)\.", r"model.layers.\1.\2."),
     (r"^final_layernorm\.", "model.final_layernorm."),
+    (r"^output_layer\.", "lm_head."),
 )
 
 
@@ -72,7 +73,10 @@ def hf_config(config: TransformerConfig, eod: Optional[int], metadata: Optional[
         "bos_token_id": None,
         "eos_token_id": eod,
         "pad_token_id": eod,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not config.untie_embeddings_and_output_weights,
+        "normalization": config.normalization,
+        "swiglu": config.swiglu,
+        "add_bias_linear": config.add_bias_linear,
         "use_cache": True,
         "megatron_ls": {"seq_length": config.seq_length, **(metadata or {})},
     }

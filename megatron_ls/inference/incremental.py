@@ -206,7 +206,7 @@ def forward_step(model, tokens: torch.Tensor, cache: DecodingCache, *, all_logit
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     if not all_logits:
         h = h[:, -1:]
-    return emb.lm_logits(model.final_layernorm(h))
+    return model.lm_logits(model.final_layernorm(h))
 
 
 def prefill(model, tokens: torch.Tensor, cache: DecodingCache, *, all_logits: bool = False,

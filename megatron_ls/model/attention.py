@@ -56,10 +56,12 @@ class SelfAttention(nn.Module):
         # Per head: [q (D) | k (D) | v (D) | projection logits (r)], heads contiguous so a TP shard is whole heads.
         self.per_head = 3 * self.head_dim + self.rank
         self.qkvp = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * self.per_head,
-                                         bias=True, gather_output=False, sequence_parallel=config.sequence_parallel,
+                                         bias=config.add_bias_linear, gather_output=False,
+                                         sequence_parallel=config.sequence_parallel,
                                          init_method=init_method_normal(config.init_method_std))
         self.dense = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                       bias=True, input_is_parallel=True, sequence_parallel=config.sequence_parallel,
+                                       bias=config.add_bias_linear, input_is_parallel=True,
+                                       sequence_parallel=config.sequence_parallel,
                                        init_method=scaled_init_method_normal(config.init_method_std,
                                                                              config.num_layers))
         self.rotary: Optional[Rotary] = None

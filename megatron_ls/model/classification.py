@@ -26,6 +26,7 @@ from torch import nn
 from megatron_ls.config import TransformerConfig
 from megatron_ls.model.gpt import GPTEmbedding
 from megatron_ls.model.init_rng import seeded_init
+from megatron_ls.model.norms import block_norm
 from megatron_ls.model.transformer import TransformerLayer
 from megatron_ls.ops import long_short_attention_shard
 from megatron_ls.ops.projection import project_bidirectional
@@ -154,7 +155,7 @@ class ClassificationModel(nn.Module):
         self.pad_id, self.cls_id = pad_id, cls_id
         self.embedding = GPTEmbedding(config)
         self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = block_norm(config)
         with seeded_init(config.seed, HEAD_SALT):
             self.cls_embed = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if cls_last_layer else None
             if self.cls_embed is not None and cls_init_std > 0:

@@ -1,4 +1,5 @@
-"""GPT-LS: embeddings, N pre-LN Long-Short (or full, per layer) transformer layers, final LN, tied LM head."""
+"""GPT-LS: embeddings, N pre-norm Long-Short (or full, per layer) transformer layers, final norm, LM head (tied
+to the input embedding, or Megatron's untied ``output_layer``)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -8,15 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ls.config import TransformerConfig
-from megatron_ls.model.init_rng import EMBEDDING_SALT, seeded_init
+from megatron_ls.model.init_rng import EMBEDDING_SALT, OUTPUT_LAYER_SALT, seeded_init
+from megatron_ls.model.norms import block_norm
 from megatron_ls.model.transformer import TransformerLayer
 from megatron_ls.parallel import state as ps
 from megatron_ls.parallel.context_parallel import get_context_layout
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.init import init_method_normal
-from megatron_ls.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
+from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, parallel_lm_logits
 from megatron_ls.parallel.random import checkpoint as rng_checkpoint
-from megatron_ls.parallel.sequence_parallel import (LayerNorm, mark_sequence_parallel, sequence_parallel_active,
+from megatron_ls.parallel.sequence_parallel import (mark_sequence_parallel, sequence_parallel_active,
                                                     sequence_parallel_grad, sequence_parallel_rng, split_sequence)
 
 
@@ -69,6 +71,17 @@ class GPTEmbedding(nn.Module):
         return parallel_lm_logits(hidden, self.word_embeddings.weight, sequence_parallel=self.sequence_parallel)
 
 
+class OutputLayer(ColumnParallelLinear):
+    """The untied LM head (``--untie-embeddings-and-output-weights``): a ``(V/tp, h)`` vocab-parallel matrix, no
+    bias, its own seeded initialisation (the same whichever layout builds it)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        with seeded_init(config.seed, OUTPUT_LAYER_SALT):
+            super().__init__(config.hidden_size, config.vocab_size, bias=False, gather_output=False,
+                             sequence_parallel=config.sequence_parallel,
+                             init_method=init_method_normal(config.init_method_std))
+
+
 def masked_token_mean(losses: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean of per-token ``losses`` over the unmasked tokens of a micro-batch, as a data-parallel replica's loss.
 
@@ -115,8 +128,14 @@ class GPTModel(nn.Module):
         self.config = config
         self.embedding = GPTEmbedding(config)
         self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
-        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
-                                         sequence_parallel=config.sequence_parallel)
+        self.final_layernorm = block_norm(config)
+        self.output_layer = OutputLayer(config) if config.untie_embeddings_and_output_weights else None
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits of final-norm outputs (tied embedding or the untied output layer)."""
+        if self.output_layer is not None:
+            return self.output_layer(hidden)
+        return self.embedding.lm_logits(hidden)
 
     def _run_layers(self, start: int, end: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(h: torch.Tensor) -> torch.Tensor:
@@ -134,7 +153,7 @@ class GPTModel(nn.Module):
                 h = rng_checkpoint(self._run_layers(start, end), h)
             else:
                 h = self._run_layers(start, end)(h)
-        logits = self.embedding.lm_logits(self.final_layernorm(h))
+        logits = self.lm_logits(self.final_layernorm(h))
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits.float(), labels)

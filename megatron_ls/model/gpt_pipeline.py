@@ -1,6 +1,7 @@
 """GPT-LS as a DeepSpeed ``PipelineModule``: the same layers as ``GPTModel``, cut into stages.
 
-Stage contents: [embedding (tied)] + transformer layers + [final LN, LM head (tied to the embedding)]. Layers are
+Stage contents: [embedding (tied)] + transformer layers + [final norm, LM head (tied to the embedding, or with
+``--untie-embeddings-and-output-weights`` its own ``OutputLayer``)]. Layers are
 balanced by counting ``TransformerLayer``s. Every layer seeds its own initialisation (``init_rng``), so a stage that
 builds only its own layers gets exactly the weights a single-process ``GPTModel`` has.
 """
@@ -10,13 +11,20 @@ import torch
 from torch import nn
 
 from megatron_ls.config import TransformerConfig
-from megatron_ls.model.gpt import GPTEmbedding, language_model_loss
+from megatron_ls.model.gpt import GPTEmbedding, OutputLayer, language_model_loss
 from megatron_ls.model.transformer import TransformerLayer
-from megatron_ls.parallel.sequence_parallel import LayerNorm
+from megatron_ls.parallel.sequence_parallel import LayerNorm, RMSNorm
 
 
 class FinalLayerNorm(LayerNorm):
     """The last LayerNorm before the LM head, as its own pipeline layer."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon, sequence_parallel=config.sequence_parallel)
+
+
+class FinalRMSNorm(RMSNorm):
+    """The last RMSNorm before the LM head (``--normalization RMSNorm``), as its own pipeline layer."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, sequence_parallel=config.sequence_parallel)
@@ -54,9 +62,12 @@ def build_gpt_pipeline(config: TransformerConfig, activation_checkpoint_interval
         raise ValueError(f"--num-layers {config.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     specs = [TiedLayerSpec("embed", GPTEmbedding, config, tied_weight_attr="word_embeddings.weight")]
     specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
-    specs += [LayerSpec(FinalLayerNorm, config),
-              TiedLayerSpec("embed", GPTEmbedding, config, forward_fn=_lm_head_forward,
-                            tied_weight_attr="word_embeddings.weight")]
+    specs.append(LayerSpec(FinalRMSNorm if config.normalization == "RMSNorm" else FinalLayerNorm, config))
+    if config.untie_embeddings_and_output_weights:
+        specs.append(LayerSpec(OutputLayer, config))
+    else:
+        specs.append(TiedLayerSpec("embed", GPTEmbedding, config, forward_fn=_lm_head_forward,
+                                   tied_weight_attr="word_embeddings.weight"))
     interval = activation_checkpoint_interval
     if interval is None:  # full recomputation of uniform groups; selective happens inside each layer
         interval = (config.recompute_num_layers or 1) if config.recompute_granularity == "full" else 0

@@ -8,6 +8,7 @@ import torch
 
 # Salts keep the streams of different modules apart; layer i uses LAYER_SALT + i.
 EMBEDDING_SALT = 0
+OUTPUT_LAYER_SALT = 1
 LAYER_SALT = 1000
 
 

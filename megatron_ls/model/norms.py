@@ -1,12 +1,21 @@
-"""Normalisation layers for DualLN: per head, or over the full width of all heads (the released code)."""
+"""Normalisation layers: the block norm (LayerNorm or RMSNorm), and DualLN's per head or over the full width of
+all heads (the released code)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ls.config import TransformerConfig
 from megatron_ls.parallel import state as ps
 from megatron_ls.parallel.mappings import sum_over_tensor_model_parallel_region
+from megatron_ls.parallel.sequence_parallel import LayerNorm, RMSNorm
+
+
+def block_norm(config: TransformerConfig) -> nn.Module:
+    """The pre-attention / pre-MLP / final norm of ``--normalization`` (sequence-parallel aware)."""
+    cls = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
+    return cls(config.hidden_size, eps=config.layernorm_epsilon, sequence_parallel=config.sequence_parallel)
 
 
 class HeadwiseLayerNorm(nn.Module):

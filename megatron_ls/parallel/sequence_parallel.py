@@ -170,6 +170,25 @@ def sequence_parallel_rng(active: bool) -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019): ``x / sqrt(mean(x^2) + eps) * weight``, no bias, computed in fp32 for half
+    inputs; under sequence parallelism its weight gradient is summed over the TP ranks like :class:`LayerNorm`'s."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.sequence_parallel = sequence_parallel_active(sequence_parallel)
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = sequence_parallel_grad(self.weight) if self.sequence_parallel else self.weight
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        y = F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.eps)
+        return y.to(x.dtype) * weight.to(x.dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state dict) that, under sequence parallelism, sums its parameter
     gradients over the TP ranks holding the other slices of the sequence."""

@@ -14,6 +14,7 @@ through ``elastic.py``; another tensor / pipeline layout, model shape or attenti
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,7 +33,8 @@ __all__ = ["CheckpointError", "CheckpointSaveError", "LATEST_FILE", "METADATA_FI
 
 # Model settings whose change makes the saved weights the wrong shape: always refused.
 SHAPE_SETTINGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "projection_rank",
-                  "dual_ln", "full_attention_layers")
+                  "dual_ln", "full_attention_layers", "normalization", "swiglu", "add_bias_linear",
+                  "untie_embeddings_and_output_weights")
 # Settings that change what attention computes with the same weights: refused on resume unless --finetune or
 # --allow-attention-change (a silent change would continue training a different model).
 ATTENTION_SETTINGS = ("window_size", "segment_length", "dual_ln_scope", "window_extension", "projection_input",
@@ -91,7 +93,14 @@ def check_compatible(load_dir: str, model_config: Any, *, finetune: bool = False
         return name in saved and not _same(saved[name], getattr(model_config, name))
 
     def text(name: str) -> str:
-        return f"{_flag(name)} is {getattr(model_config, name)} here but {saved[name]} in the checkpoint"
+        now = getattr(model_config, name)
+        if isinstance(now, bool):  # a switch: say whether its flag was given (--disable-bias-linear means False)
+            from megatron_ls.config import TransformerConfig
+
+            default = next(f.default for f in dataclasses.fields(TransformerConfig) if f.name == name)
+            given = "given" if now != default else "not given"
+            return f"{_flag(name)} is {given} here but {'not given' if given == 'given' else 'given'} in the checkpoint"
+        return f"{_flag(name)} is {now} here but {saved[name]} in the checkpoint"
 
     shape = [text(n) for n in SHAPE_SETTINGS if differs(n)]
     learned = "learned" in (saved.get("position_embedding_type"), model_config.position_embedding_type)

@@ -36,6 +36,8 @@ def pipeline_name(name: str, num_layers: int) -> str:
         return "tied_modules.embed." + name[len("embedding."):]
     if name.startswith("final_layernorm."):
         return f"{num_layers + 1}." + name[len("final_layernorm."):]
+    if name.startswith("output_layer."):
+        return f"{num_layers + 2}." + name[len("output_layer."):]
     match = re.match(r"^layers\.(\d+)\.(.*)$", name)
     if match:
         return f"{int(match.group(1)) + 1}.{match.group(2)}"
@@ -49,7 +51,9 @@ def model_name(name: str, num_layers: int) -> str:
     match = _LAYER.match(name)
     if match:
         index = int(match.group(1))
-        return f"final_layernorm.{match.group(2)}" if index == num_layers + 1 else f"layers.{index - 1}.{match.group(2)}"
+        if index > num_layers:
+            return f"{'final_layernorm' if index == num_layers + 1 else 'output_layer'}.{match.group(2)}"
+        return f"layers.{index - 1}.{match.group(2)}"
     return name
 
 

@@ -95,7 +95,8 @@ def test_cp_model_equals_one_process_model():
     from tests.distributed.launch import run_torchrun
 
     out = run_torchrun(REPO / "tests/e2e/workers/cp_model_check.py", nproc=2, timeout=300)
-    assert "CHECK-OK cp-model-contiguous" in out and "CHECK-OK cp-model-balanced" in out, out
+    for variant in ("", "llama-"):  # the paper's GPT-LS and the Llama-style switches (RMSNorm, SwiGLU, ...)
+        assert f"CHECK-OK cp-model-{variant}contiguous" in out and f"CHECK-OK cp-model-{variant}balanced" in out, out
 
 
 def test_cp2_matches_resumes_exactly_and_continues_at_cp1(corpus_prefix, reference, tmp_path):

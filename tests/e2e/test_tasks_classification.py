@@ -106,6 +106,8 @@ def test_unsupported_layouts_and_mixed_cls_schemes_are_refused(listops_prefix):
         check_task_arguments(args("--context-parallel-size", "2", world=2))
     with pytest.raises(ConfigError, match="pick one"):
         check_task_arguments(args("--pooling", "cls", "--cls-last-layer"))
+    with pytest.raises(ConfigError, match="--untie-embeddings-and-output-weights does not apply"):
+        check_task_arguments(args("--untie-embeddings-and-output-weights"))
     cmd = [a if a != "LISTOPS" else "FAR_RECALL" for a in tasks_cmd(listops_prefix, "--train-iters", "1")]
     wrong = run_cli(cmd, check=False)
     assert wrong.returncode != 0 and "holds LISTOPS data" in wrong.stderr

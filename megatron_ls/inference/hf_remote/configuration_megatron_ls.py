@@ -25,7 +25,9 @@ class MegatronLSConfig(PretrainedConfig):
                  full_attention_layers: Sequence[int] = (), dual_ln: bool = True, dual_ln_scope: str = "full",
                  attention_block_size: int = 128, initializer_range: float = 0.02,
                  bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, tie_word_embeddings: bool = True, **kwargs) -> None:
+                 pad_token_id: Optional[int] = None, tie_word_embeddings: bool = True,
+                 normalization: str = "LayerNorm", swiglu: bool = False, add_bias_linear: bool = True,
+                 **kwargs) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -49,6 +51,9 @@ class MegatronLSConfig(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.tie_word_embeddings = tie_word_embeddings
+        self.normalization = normalization
+        self.swiglu = swiglu
+        self.add_bias_linear = add_bias_linear
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.check()
 
@@ -60,6 +65,8 @@ class MegatronLSConfig(PretrainedConfig):
         if self.position_embedding_type not in ("learned", "rope", "none"):
             raise ValueError(f"position_embedding_type must be learned, rope or none, got "
                              f"{self.position_embedding_type!r}")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
         if self.dual_ln_scope not in ("full", "head"):
             raise ValueError(f"dual_ln_scope must be full or head, got {self.dual_ln_scope!r}")
         if self.window_size < 0 or self.projection_rank < 0:

@@ -114,8 +114,8 @@ class MegatronLSAttention(nn.Module):
         self.segment_length = config.segment_length
         self.block = config.attention_block_size
         self.per_head = 3 * self.head_dim + self.rank
-        self.qkvp = nn.Linear(config.hidden_size, self.heads * self.per_head)
-        self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size)
+        self.qkvp = nn.Linear(config.hidden_size, self.heads * self.per_head, bias=config.add_bias_linear)
+        self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
         self.rotary_dim = 0
         if config.position_embedding_type == "rope":
             self.rotary_dim = int(self.head_dim * config.rotary_percent) // 2 * 2
@@ -202,25 +202,50 @@ class MegatronLSAttention(nn.Module):
 
 
 class MegatronLSMLP(nn.Module):
-    """hidden -> intermediate -> GELU (erf) -> hidden."""
+    """hidden -> intermediate -> GELU (erf) -> hidden; with ``swiglu``: silu(gate(x)) * up(x) -> hidden."""
 
     def __init__(self, config: MegatronLSConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        bias = config.add_bias_linear
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.dense_h_to_4h_gate = (nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+                                   if config.swiglu else None)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dense_h_to_4h_gate is not None:
+            return self.dense_4h_to_h(F.silu(self.dense_h_to_4h_gate(x)) * self.dense_h_to_4h(x))
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 for half inputs (as megatron_ls trains it)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+
+
+def block_norm(config: MegatronLSConfig) -> nn.Module:
+    """The pre-attention / pre-MLP / final norm: LayerNorm or RMSNorm (``normalization``)."""
+    if config.normalization == "RMSNorm":
+        return RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
 class MegatronLSLayer(nn.Module):
-    """Pre-LN block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + MLP(norm(x))."""
 
     def __init__(self, config: MegatronLSConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.input_layernorm = block_norm(config)
         self.self_attn = MegatronLSAttention(config, layer_idx)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_attention_layernorm = block_norm(config)
         self.mlp = MegatronLSMLP(config)
 
     def forward(self, x: Tensor, layout: TokenLayout, cache_layer) -> Tensor:
@@ -236,7 +261,7 @@ class MegatronLSPreTrainedModel(PreTrainedModel):
 
 
 class MegatronLSModel(MegatronLSPreTrainedModel):
-    """Embeddings (token + learned absolute positions unless ``rope``/``none``), layers, final LayerNorm."""
+    """Embeddings (token + learned absolute positions unless ``rope``/``none``), layers, final norm."""
 
     def __init__(self, config: MegatronLSConfig) -> None:
         super().__init__(config)
@@ -245,7 +270,7 @@ class MegatronLSModel(MegatronLSPreTrainedModel):
         if config.position_embedding_type == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(MegatronLSLayer(config, i) for i in range(config.num_hidden_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.final_layernorm = block_norm(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -299,7 +324,8 @@ class MegatronLSModel(MegatronLSPreTrainedModel):
 
 
 class MegatronLSForCausalLM(MegatronLSPreTrainedModel, GenerationMixin):
-    """GPT-LS language model with the LM head tied to the token embedding."""
+    """GPT-LS language model; the LM head is tied to the token embedding unless ``tie_word_embeddings`` is False
+    (``--untie-embeddings-and-output-weights``)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 

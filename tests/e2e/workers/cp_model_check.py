@@ -26,10 +26,15 @@ from megatron_ls.parallel.context_parallel import get_context_layout, set_contex
 SEQ, BATCH = 64, 2
 
 
-def _config() -> TransformerConfig:
+# The paper's GPT-LS, and Megatron's Llama-style switches (RMSNorm, SwiGLU, no biases, untied head, RoPE).
+VARIANTS = {"": {}, "llama-": dict(normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                                   untie_embeddings_and_output_weights=True, position_embedding_type="rope")}
+
+
+def _config(variant: str = "") -> TransformerConfig:
     return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=SEQ,
                              window_size=16, segment_length=8, projection_rank=1, full_attention_layers=(1,),
-                             hidden_dropout=0.0, attention_dropout=0.0, seed=11)
+                             hidden_dropout=0.0, attention_dropout=0.0, seed=11, **VARIANTS[variant])
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,22 +45,22 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:], mask
 
 
-def _reference() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _reference(variant: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Logits, loss and gradients of the one-process model (CP groups not built yet: sizes are 1)."""
     tokens, labels, mask = _data()
-    model = GPTModel(_config()).double()
+    model = GPTModel(_config(variant)).double()
     logits = model(tokens)
     loss = masked_token_mean(model(tokens, labels), mask)
     loss.backward()
     return logits.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def _check(kind: str, reference: tuple) -> None:
+def _check(kind: str, reference: tuple, variant: str) -> None:
     ref_logits, ref_loss, ref_grads = reference
     set_context_layout_kind(kind)
     layout = get_context_layout(SEQ)
     tokens, labels, mask = (layout.slice_sequence(t, dim=1) for t in _data())
-    model = GPTModel(_config()).double()
+    model = GPTModel(_config(variant)).double()
     logits = model(tokens)
     torch.testing.assert_close(logits, layout.slice_sequence(ref_logits, dim=1), rtol=1e-10, atol=1e-10)
     loss = masked_token_mean(model(tokens, labels), mask)
@@ -74,13 +79,14 @@ def _check(kind: str, reference: tuple) -> None:
 
 def main() -> None:
     state.initialize_distributed(timeout_s=120)
-    reference = _reference()
+    references = {variant: _reference(variant) for variant in VARIANTS}
     state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
-    for kind in ("contiguous", "balanced"):
-        _check(kind, reference)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            print(f"CHECK-OK cp-model-{kind}", flush=True)
+    for variant, reference in references.items():
+        for kind in ("contiguous", "balanced"):
+            _check(kind, reference, variant)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                print(f"CHECK-OK cp-model-{variant}{kind}", flush=True)
     set_context_layout_kind("contiguous")
     state.shutdown_distributed()
 

@@ -142,3 +142,6 @@ def test_pretrain_vit_flags():
         _vit_dry_run("--auto-augment", "rand-m9-q1")
     with pytest.raises(ConfigError, match="--random-erase-prob must be in"):
         _vit_dry_run("--random-erase-prob", "1.5")
+    with pytest.raises(ConfigError, match="--normalization RMSNorm, --disable-bias-linear: GPT-LS options, not "
+                                          "built for the vision"):
+        _vit_dry_run("--normalization", "RMSNorm", "--disable-bias-linear")

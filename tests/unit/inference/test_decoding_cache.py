@@ -18,6 +18,8 @@ CONFIGS = {
     "rope": dict(window_size=W, projection_rank=2, position_embedding_type="rope"),
     "no_positions_full_layer": dict(window_size=W, projection_rank=1, position_embedding_type="none",
                                     full_attention_layers=(0,)),
+    "llama_style": dict(window_size=W, projection_rank=2, position_embedding_type="rope", normalization="RMSNorm",
+                        swiglu=True, add_bias_linear=False, untie_embeddings_and_output_weights=True),
 }
 PROMPT_LENGTHS = (1, L - 1, L, W + 1)
 

@@ -30,6 +30,8 @@ CONFIGS = {
     "masformer": dict(full_attention_layers=(1,)),
     "no_positions": dict(position_embedding_type="none"),
     "rope_head_ln": dict(position_embedding_type="rope", dual_ln_scope="head", full_attention_layers=(0,)),
+    "llama_style": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                        untie_embeddings_and_output_weights=True),
 }
 
 
