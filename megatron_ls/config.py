@@ -450,6 +450,8 @@ class LoggingConfig:
                                           "status 0; one rank receiving it is enough. Resume with --load.")
     exit_signal: str = _f("SIGTERM", "The signal --exit-signal-handler catches.",
                           choices=("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
+    log_params_norm: bool = _f(False, "Also log the weights' global L2 norm ('params norm' in the iteration line, "
+                                      "'params-norm' in tensorboard), counted once whatever the layout.")
     tensorboard_dir: Optional[str] = _f(None, "Write tensorboard scalars here.")
     tensorboard_log_interval: int = _f(1, "Iterations between tensorboard writes.")
 

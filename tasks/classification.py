@@ -29,7 +29,7 @@ from megatron_ls.training.initialize import initialize_megatron_ls
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
-from megatron_ls.training.pretrain import check_precision_supported, early_exits
+from megatron_ls.training.pretrain import check_precision_supported, early_exits, logged_params_norm
 from megatron_ls.training.steps import build_steps
 
 PAD_MULTIPLE = 8  # micro-batches are padded to their longest example, rounded up to this
@@ -260,8 +260,10 @@ def train_classification(args: Arguments) -> dict:
         interval_losses.append(loss)
         summary["train_losses"].append(loss)
         grad_norm = steps.grad_norm()
+        params_norm = logged_params_norm(args, steps, iteration)
         if iteration % lg.tensorboard_log_interval == 0:
-            tb.scalars({"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm}, iteration)
+            tb.scalars({"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm,
+                        **({"params-norm": params_norm} if params_norm is not None else {})}, iteration)
         if iteration % lg.log_interval == 0 or iteration == t.train_iters:
             elapsed = (time.perf_counter() - interval_start) / len(interval_losses)
             tokens_per_sec = interval_tokens / len(interval_losses) / elapsed
@@ -270,7 +272,7 @@ def train_classification(args: Arguments) -> dict:
                 elapsed_ms=elapsed * 1000, tflops=flops_per_token * tokens_per_sec / 1e12,
                 tokens_per_sec=tokens_per_sec, lr=lr, global_batch_size=t.global_batch_size,
                 loss=sum(interval_losses) / len(interval_losses), loss_scale=steps.loss_scale(),
-                grad_norm=grad_norm, skipped=skipped_total))
+                grad_norm=grad_norm, skipped=skipped_total, params_norm=params_norm))
             interval_losses, interval_tokens, interval_start = [], 0, time.perf_counter()
         nonfinite.update(iteration, loss, grad_norm, skipped)
         if lg.eval_interval and iteration % lg.eval_interval == 0 and iteration < t.train_iters:

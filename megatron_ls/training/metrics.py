@@ -28,10 +28,13 @@ def model_flops_per_token(config: TransformerConfig) -> float:
 def format_iteration_line(*, iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
                           tflops: float, tokens_per_sec: float, lr: float, global_batch_size: int,
                           loss: float, loss_scale: float, grad_norm: Optional[float], skipped: int,
-                          loss_name: str = "lm loss") -> str:
-    """The per-interval line, in Megatron-LM's shape (see DESIGN.md); ``loss_name`` is "loss" for vision."""
+                          loss_name: str = "lm loss", params_norm: Optional[float] = None) -> str:
+    """The per-interval line, in Megatron-LM's shape (see DESIGN.md); ``loss_name`` is "loss" for vision;
+    ``params_norm`` (``--log-params-norm``) goes after the grad norm, as in Megatron-LM."""
     tflops_text = f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3f}"
     grad = "nan" if grad_norm is None or not math.isfinite(grad_norm) else f"{grad_norm:.3f}"
+    if params_norm is not None:
+        grad += f" | params norm: {params_norm:.3f}"
     return (f" iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed_samples} | "
             f"elapsed time per iteration (ms): {elapsed_ms:.1f} | throughput per GPU (TFLOP/s/GPU): {tflops_text} | "
             f"tokens per second per GPU: {tokens_per_sec:.0f} | learning rate: {lr:.6E} | "

@@ -204,6 +204,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         grad_norm = steps.grad_norm()
         tb_values = {task.loss_name: loss, "learning-rate": lr, "grad-norm": grad_norm, "loss-scale": steps.loss_scale(),
                      "consumed-samples": consumed}
+        params_norm = logged_params_norm(args, steps, iteration)
+        if params_norm is not None:
+            tb_values["params-norm"] = params_norm
         if iteration % lg.tensorboard_log_interval == 0:
             tb.scalars(tb_values, iteration)
         if iteration % lg.log_interval == 0 or iteration == t.train_iters:
@@ -214,7 +217,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                 iteration=iteration, train_iters=t.train_iters, consumed_samples=consumed,
                 elapsed_ms=elapsed * 1000, tflops=tflops, tokens_per_sec=tokens_per_sec, lr=lr,
                 global_batch_size=t.global_batch_size, loss=sum(interval_losses) / len(interval_losses),
-                loss_scale=steps.loss_scale(), grad_norm=grad_norm, skipped=skipped_total, loss_name=task.loss_name))
+                loss_scale=steps.loss_scale(), grad_norm=grad_norm, skipped=skipped_total, loss_name=task.loss_name,
+                params_norm=params_norm))
             tb.scalars({"throughput": tflops, "tokens-per-second-per-gpu": tokens_per_sec, **memory_stats_mb()},
                        iteration)
             interval_losses, interval_start = [], time.perf_counter()
@@ -244,6 +248,18 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(f" tensorboard logs: {os.path.abspath(lg.tensorboard_dir)}")
     tb.close()
     return summary
+
+
+def logged_params_norm(args: Arguments, steps: Steps, iteration: int) -> Optional[float]:
+    """The weights' norm when ``--log-params-norm`` and this iteration logs (a collective: every rank calls it)."""
+    lg = args.logging
+    if not lg.log_params_norm:
+        return None
+    logs = (iteration % lg.log_interval == 0 or iteration % lg.tensorboard_log_interval == 0
+            or iteration == args.training.train_iters)
+    if not logs:
+        return None
+    return steps.params_norm()
 
 
 def early_exits(args: Arguments) -> ExitConditions:

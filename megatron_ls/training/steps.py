@@ -27,36 +27,55 @@ def _data_parallel_mean(value: torch.Tensor) -> float:
     return float(value.item())
 
 
-def unclipped_grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the gradients: TP shards summed over the TP group, stages over the PP group.
-
-    After DeepSpeed's reduction every DP x CP replica holds the same gradients, so nothing is summed over DP or
-    CP: a parameter replicated over context-parallel ranks counts once.
-    """
+def _global_l2_norm(module: torch.nn.Module, of_param) -> float:
+    """L2 norm over the whole model of ``of_param(param)`` (a tensor, or None to skip): TP shards summed over the
+    TP group, stages over the PP group; ZeRO-3 partitions (``ds_tensor``) summed over the data-parallel group."""
     from megatron_ls.parallel import state as ps
 
     # Accumulate on the parameters' device: NCCL cannot reduce CPU tensors.
     device = next(module.parameters()).device
-    sharded = torch.zeros((), dtype=torch.float64, device=device)
-    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    # [sharded over TP, replicated over TP] x [whole on this rank, a ZeRO-3 partition]
+    sums = torch.zeros(2, 2, dtype=torch.float64, device=device)
+    partitioned = False  # the same on every rank (ZeRO-3 or not), so the collective below is taken by all or none
     skip = set()
     if ps.get_pipeline_model_parallel_rank() > 0:
         # A tied embedding lives on the first and the last stage: count it once.
         skip = {id(p) for p in getattr(module, "tied_modules", torch.nn.ModuleDict()).parameters()}
     for param in module.parameters():
-        if param.grad is None or id(param) in skip:
+        value = None if id(param) in skip else of_param(param)
+        if value is None:
             continue
-        sq = param.grad.detach().double().pow(2).sum()
-        if getattr(param, "tensor_model_parallel", False):
-            sharded += sq
-        else:
-            replicated += sq
+        tp_sharded = 0 if getattr(param, "tensor_model_parallel", False) else 1
+        is_part = value is getattr(param, "ds_tensor", None)
+        partitioned |= is_part
+        sums[tp_sharded, int(is_part)] += value.detach().double().pow(2).sum()
+    if dist.is_initialized() and partitioned:
+        parts = sums[:, 1].clone()
+        dist.all_reduce(parts, group=ps.get_data_parallel_group_with_context_parallel())
+        sums[:, 1] = parts
+    sharded, replicated = sums[0].sum(), sums[1].sum()
     if dist.is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(sharded, group=ps.get_tensor_model_parallel_group())
     total = sharded + replicated
     if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total.sqrt())
+
+
+def unclipped_grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients: TP shards summed over the TP group, stages over the PP group.
+
+    After DeepSpeed's reduction every DP x CP replica holds the same gradients, so nothing is summed over DP or
+    CP: a parameter replicated over context-parallel ranks counts once.
+    """
+    return _global_l2_norm(module, lambda param: param.grad)
+
+
+def parameters_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the weights (Megatron's ``--log-params-norm``), counted once whatever the layout; under
+    ZeRO-3 from each rank's partition (a collective over the data-parallel group)."""
+    return _global_l2_norm(module, lambda param: getattr(param, "ds_tensor", None)
+                           if getattr(param, "ds_tensor", None) is not None else param.data)
 
 
 class _GradNormRecorder:
@@ -152,6 +171,10 @@ class Steps:
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def params_norm(self) -> float:
+        """The weights' global L2 norm (a collective: call it on every rank)."""
+        return parameters_norm(self.engine.module)
 
     def loss_scale(self) -> float:
         optimizer = self.engine.optimizer

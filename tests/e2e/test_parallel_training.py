@@ -1,7 +1,9 @@
-"""3D parallelism end to end: TP, PP, TP x PP and DP with ZeRO 1-3 reproduce the one-process losses (fp32,
-dropout off), and a TP2 x PP2 run resumes exactly. All runs use torchrun with gloo on CPU."""
+"""3D parallelism end to end: TP, PP, TP x PP and DP with ZeRO 1-3 reproduce the one-process losses and
+--log-params-norm values (fp32, dropout off), and a TP2 x PP2 run resumes exactly. All runs use torchrun with gloo
+on CPU."""
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -14,7 +16,12 @@ ITERS = 4
 # 4 layers so that PP=2 puts two layers (one LS, one MASFormer full-attention) on each stage.
 LAYOUT_FLAGS = ["--num-layers", "4", "--full-attention-layers", "1", "--hidden-dropout", "0",
                 "--attention-dropout", "0", "--train-iters", str(ITERS), "--global-batch-size", "8",
-                "--micro-batch-size", "2"]
+                "--micro-batch-size", "2", "--log-params-norm"]
+PARAMS_NORM = re.compile(r" iteration\s+(\d+)/.*? \| params norm: ([0-9.]+) \|")
+
+
+def params_norms(stdout: str) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(2)) for m in PARAMS_NORM.finditer(stdout)}
 
 
 def vocab_flags(tp: int) -> list:
@@ -29,10 +36,17 @@ def torchrun_cmd(nproc: int, corpus: str, *extra: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference_losses(corpus_prefix):
-    losses = iteration_losses(run_cli(pretrain_cmd(corpus_prefix, *LAYOUT_FLAGS, *vocab_flags(1))).stdout)
-    assert sorted(losses) == list(range(1, ITERS + 1))
-    return losses
+def reference(corpus_prefix):
+    out = run_cli(pretrain_cmd(corpus_prefix, *LAYOUT_FLAGS, *vocab_flags(1))).stdout
+    losses, norms = iteration_losses(out), params_norms(out)
+    assert sorted(losses) == sorted(norms) == list(range(1, ITERS + 1))
+    assert norms[ITERS] != norms[1]  # the weights move (Megatron prints the norm with 3 decimals)
+    return losses, norms
+
+
+@pytest.fixture(scope="module")
+def reference_losses(reference):
+    return reference[0]
 
 
 def _assert_same(losses, reference, what):
@@ -49,9 +63,14 @@ def _assert_same(losses, reference, what):
     ("--zero-stage", "2"),
     ("--zero-stage", "3"),
 ], ids=["tp2", "pp2", "pp2-zero1", "dp2-zero1", "dp2-zero2", "dp2-zero3"])
-def test_two_rank_layouts_match_one_process(corpus_prefix, reference_losses, layout):
+def test_two_rank_layouts_match_one_process(corpus_prefix, reference, layout):
     proc = run_cli(torchrun_cmd(2, corpus_prefix, *layout), timeout=400)
-    _assert_same(iteration_losses(proc.stdout), reference_losses, layout)
+    _assert_same(iteration_losses(proc.stdout), reference[0], layout)
+    # the weights' norm is counted once per parameter: TP shards, PP stages, a tied embedding, ZeRO-3 partitions
+    norms = params_norms(proc.stdout)
+    assert sorted(norms) == sorted(reference[1]), layout
+    for it, want in reference[1].items():
+        assert norms[it] == pytest.approx(want, rel=1e-4, abs=2e-3), (layout, it)
 
 
 def test_tp2_pp2_matches_and_resumes_exactly(corpus_prefix, reference_losses, tmp_path):

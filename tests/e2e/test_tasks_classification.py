@@ -68,10 +68,12 @@ def test_trains_reports_accuracy_saves_and_resumes_exactly(listops_prefix, tmp_p
 
 
 def test_exit_duration_saves_and_stops(listops_prefix, tmp_path):
-    """The Megatron early exits work in this loop too (one rank here; tests/e2e/test_early_exit.py has signals)."""
+    """The Megatron early exits and --log-params-norm work in this loop too (one rank; signals:
+    tests/e2e/test_early_exit.py)."""
     out = run_cli(tasks_cmd(listops_prefix, "--train-iters", "4", "--save", str(tmp_path / "c"),
-                            "--exit-duration-in-mins", "0.0001")).stdout
+                            "--exit-duration-in-mins", "0.0001", "--log-params-norm")).stdout
     assert "exiting program at iteration 1 after " in out and "(--exit-duration-in-mins 0.0001)" in out
+    assert " | grad norm: " in out and " | params norm: " in out  # --log-params-norm in this loop too
     assert (tmp_path / "c" / "latest").read_text().strip() == "iter_0000001" and "metrics for test" not in out
 
 

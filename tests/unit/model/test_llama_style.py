@@ -79,3 +79,11 @@ def test_resume_refuses_another_architecture(tmp_path):
     with pytest.raises(CheckpointError, match="--normalization is RMSNorm here but LayerNorm in the checkpoint; "
                                               "--disable-bias-linear is given here but not given in the checkpoint"):
         check_compatible(str(tmp_path), config, finetune=True)  # shapes: not even --finetune loads them
+
+
+def test_parameters_norm_on_one_process_is_the_plain_l2_norm():
+    from megatron_ls.training.steps import parameters_norm
+
+    model = GPTModel(TransformerConfig(**BASE, untie_embeddings_and_output_weights=True))
+    want = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
+    assert parameters_norm(model) == pytest.approx(float(want), rel=1e-12)
