@@ -252,7 +252,8 @@ def build_deepspeed_config(args: Arguments, data_parallel_size: int, context_par
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gbs // (t.micro_batch_size * data_parallel_size),
         "gradient_clipping": t.clip_grad,
-        "zero_optimization": {"stage": args.parallel.zero_stage},
+        "zero_optimization": {"stage": args.parallel.zero_stage,
+                              **({"overlap_comm": True} if args.parallel.overlap_grad_reduce else {})},
         # Our optimizer is torch AdamW; ZeRO accepts it once told so.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,

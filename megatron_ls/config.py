@@ -214,6 +214,9 @@ class ParallelConfig:
                          choices=(0, 1, 2, 3))
     use_distributed_optimizer: bool = _f(False, "Megatron's distributed optimizer: optimizer state sharded over "
                                                 "data-parallel ranks (= ZeRO-1 unless --zero-stage is higher).")
+    overlap_grad_reduce: bool = _f(False, "Overlap the data-parallel gradient reduction with the backward pass "
+                                          "(DeepSpeed ZeRO's overlap_comm; needs --zero-stage >= 1 or "
+                                          "--use-distributed-optimizer).")
     distributed_backend: Optional[str] = _f(None, "torch.distributed backend (default nccl on GPU, gloo on CPU).",
                                             choices=("nccl", "gloo"))
     distributed_timeout_minutes: float = _f(10.0, "Timeout for rendezvous and collectives.")
@@ -233,6 +236,9 @@ class ParallelConfig:
             problems.append(f"world size {world_size} is not divisible by tensor ({self.tensor_model_parallel_size})"
                             f" x pipeline ({self.pipeline_model_parallel_size}) x context "
                             f"({self.context_parallel_size}) parallel sizes")
+        if self.overlap_grad_reduce and self.zero_stage == 0:
+            problems.append("--overlap-grad-reduce overlaps ZeRO's gradient reduction: use it with --zero-stage >= 1 "
+                            "or --use-distributed-optimizer")
         if self.pipeline_model_parallel_size > 1 and self.zero_stage > 1:
             problems.append(f"--zero-stage {self.zero_stage} cannot be combined with pipeline parallelism "
                             f"(DeepSpeed supports ZeRO-0/1 with --pipeline-model-parallel-size > 1)")
@@ -285,6 +291,12 @@ class TrainingConfig:
                                        "gradient norm is not finite (each is skipped: weights and LR schedule "
                                        "unchanged, counted as skipped); fp16 loss-scale overflows do not count.")
     deepspeed_config: Optional[str] = _f(None, "DeepSpeed JSON merged over the config built from these flags.")
+    manual_gc: bool = _f(False, "Switch Python's automatic garbage collector off during training and collect at "
+                                "the same points on every rank (--manual-gc-interval, around evaluation).")
+    manual_gc_interval: int = _f(0, "With --manual-gc: collect every this many iterations (0 = only around "
+                                    "evaluation).")
+    manual_gc_eval: bool = _f(True, "With --manual-gc: do not collect before and after each evaluation.",
+                              flag="--no-manual-gc-eval")
 
     def __post_init__(self) -> None:
         if self.train_iters is None and self.train_samples is None:
@@ -292,6 +304,8 @@ class TrainingConfig:
 
     def validate(self, data_parallel_size: int) -> None:
         problems = []
+        if self.manual_gc_interval < 0:
+            problems.append(f"--manual-gc-interval must be >= 0, got {self.manual_gc_interval}")
         if self.micro_batch_size <= 0:
             problems.append(f"--micro-batch-size must be positive, got {self.micro_batch_size}")
         gbs = self.global_batch_size

@@ -27,6 +27,7 @@ from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import check_dataset_vocabulary
 from megatron_ls.training.initialize import initialize_megatron_ls
 from megatron_ls.training.lr_schedule import build_scheduler
+from megatron_ls.training.manual_gc import ManualGC
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
 from megatron_ls.training.pretrain import check_precision_supported, early_exits, logged_params_norm
@@ -220,6 +221,9 @@ def train_classification(args: Arguments) -> dict:
         summary["history"].append({"iteration": step, "split": split, **result})
         return result
 
+    collector = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
+    run_eval = collector.wrap_evaluation(run_eval)
+
     def save(step: int) -> None:
         faults.set_phase(f"saving the checkpoint of iteration {step} to {ck.save}")
         path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args), get_rng_state_dict(),
@@ -250,6 +254,7 @@ def train_classification(args: Arguments) -> dict:
     # Non-finite steps as in pretraining: skipped and counted, --nonfinite-steps-limit in a row stop in one line.
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
     exits, stop = early_exits(args), None
+    collector.start()
     while iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr
@@ -280,6 +285,7 @@ def train_classification(args: Arguments) -> dict:
         saved_now = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)
         if saved_now:
             save(iteration)
+        collector.after_iteration(iteration)
         stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
                 else exits.check())  # the same on every rank
         if stop:
@@ -293,6 +299,7 @@ def train_classification(args: Arguments) -> dict:
     else:
         summary["valid"] = run_eval("valid", iteration, None)
         summary["test"] = run_eval("test", iteration, None)
+    collector.stop()
     summary.update(iteration=iteration, consumed_samples=consumed, skipped_iterations=skipped_total)
     if e.results_json and dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(e.results_json)), exist_ok=True)

@@ -16,6 +16,7 @@ from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
 from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import build_data_iterator
 from megatron_ls.training.exit_conditions import ExitConditions
+from megatron_ls.training.manual_gc import ManualGC
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, format_iteration_line,
@@ -163,6 +164,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             tb.scalars({f"bits per byte {name}": loss / math.log(2)}, step)
         return loss
 
+    collector = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
+    run_eval = collector.wrap_evaluation(run_eval)
+
     def save(step: int) -> None:
         nonlocal unchanged_in_save
         from megatron_ls.parallel.random import get_rng_state_dict
@@ -192,6 +196,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     exited_early = False
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16, loss_name=task.loss_name)
     exits = early_exits(args)
+    collector.start()
     while iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr  # the rate this step uses (the scheduler moves on inside the step)
@@ -227,6 +232,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             run_eval("validation", valid_ds, iteration, "validation")
         if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
             save(iteration)
+        collector.after_iteration(iteration)
         stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
                 else exits.check())  # the same on every rank
         if stop:
@@ -243,6 +249,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         summary["test_loss"] = run_eval("test", test_ds, iteration, "test")
         if byte_level and summary["validation_loss"] is not None:
             summary["validation_bits_per_byte"] = summary["validation_loss"] / math.log(2)
+    collector.stop()
     summary.update(iteration=iteration, consumed_samples=consumed, skipped_iterations=skipped_total)
     if lg.tensorboard_dir:
         print_rank_0(f" tensorboard logs: {os.path.abspath(lg.tensorboard_dir)}")

@@ -65,7 +65,9 @@ def test_recomputation_keeps_losses_exactly_and_sample_based_wsd_logs_hand_compu
              "--lr-warmup-fraction", "0.25", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear",
              "--lr-wsd-decay-samples", "8", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     runs = {}
-    for name, extra in {"plain": [], "selective": ["--recompute-granularity", "selective"]}.items():
+    # (the second run also collects garbage by hand: --manual-gc changes when, never what, is computed)
+    for name, extra in {"plain": [], "selective": ["--recompute-granularity", "selective", "--manual-gc",
+                                                   "--manual-gc-interval", "2"]}.items():
         runs[name] = run_cli(pretrain_cmd(corpus_prefix, *flags, *extra)).stdout
     plain = iteration_losses(runs["plain"])
     assert sorted(plain) == [1, 2, 3, 4, 5, 6]  # 26 samples // 4 per iteration

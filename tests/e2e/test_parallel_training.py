@@ -62,7 +62,8 @@ def _assert_same(losses, reference, what):
     ("--zero-stage", "1"),
     ("--zero-stage", "2"),
     ("--zero-stage", "3"),
-], ids=["tp2", "pp2", "pp2-zero1", "dp2-zero1", "dp2-zero2", "dp2-zero3"])
+    ("--use-distributed-optimizer", "--overlap-grad-reduce"),
+], ids=["tp2", "pp2", "pp2-zero1", "dp2-zero1", "dp2-zero2", "dp2-zero3", "dp2-distopt-overlap"])
 def test_two_rank_layouts_match_one_process(corpus_prefix, reference, layout):
     proc = run_cli(torchrun_cmd(2, corpus_prefix, *layout), timeout=400)
     _assert_same(iteration_losses(proc.stdout), reference[0], layout)

@@ -103,6 +103,7 @@ def test_schedule_resumes_at_its_position():
      "--sequence-parallel splits each rank's 99 tokens"),
     (["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full", "--recompute-method", "block"],
      "--recompute-method block is not available with pipeline parallelism"),
+    (["--overlap-grad-reduce"], "--overlap-grad-reduce overlaps ZeRO's gradient reduction: use it with --zero-stage"),
 ])
 def test_schedule_and_mapping_errors_name_the_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -117,6 +118,12 @@ def test_megatron_flags_map_onto_ours():
     assert a.parallel.zero_stage == 1
     a = parse_args(BASE + ["--use-distributed-optimizer", "--zero-stage", "2"], world_size=2)
     assert a.parallel.zero_stage == 2
+    from megatron_ls.arguments import build_deepspeed_config
+
+    a = parse_args(BASE + ["--use-distributed-optimizer", "--overlap-grad-reduce"], world_size=2)
+    assert build_deepspeed_config(a, 2)["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    assert "overlap_comm" not in build_deepspeed_config(parse_args(BASE + ["--zero-stage", "1"], world_size=2),
+                                                        2)["zero_optimization"]
     assert parse_args(BASE + ["--recompute-activations"], world_size=1).model.recompute_granularity == "full"
     a = parse_args(BASE + ["--recompute-granularity", "full", "--recompute-method", "uniform",
                            "--recompute-num-layers", "1"], world_size=1)
