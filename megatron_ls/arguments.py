@@ -137,6 +137,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
     if defaults:
         parser.set_defaults(**defaults)
     namespace = parser.parse_args(argv)
+    if getattr(namespace, "checkpoint.use_checkpoint_args", False):
+        apply_checkpoint_args(parser, namespace, sys.argv[1:] if argv is None else list(argv))
     args = arguments_from_namespace(namespace)
     if world_size is None:
         world_size = launcher_world_size()  # WORLD_SIZE, or mpirun's process count
@@ -149,6 +151,42 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
         t.train_iters = t.train_samples // (t.global_batch_size or
                                             t.micro_batch_size * args.parallel.data_parallel_size(world_size))
     return args
+
+
+# Model settings --use-checkpoint-args leaves to the command line: regularisation, kernels, recomputation and
+# the seed are choices of the run, not of the weights (as in Megatron-LM's load_args_from_checkpoint).
+_RUN_CHOICES = {"hidden_dropout", "attention_dropout", "attention_backend", "use_flash_attn", "recompute_activations",
+                "recompute_granularity", "recompute_method", "recompute_num_layers", "sequence_parallel", "seed"}
+_TOKENIZER_SETTINGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "null_vocab_size",
+                       "make_vocab_size_divisible_by")
+
+
+def apply_checkpoint_args(parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                          argv: Sequence[str]) -> list[str]:
+    """Megatron-LM's ``--use-checkpoint-args``: set the model, tokenizer and vision settings of ``namespace`` from
+    the ``--load`` checkpoint's metadata, except those whose flag ``argv`` gives. Returns the destinations set."""
+    from megatron_ls.checkpoint_files import CheckpointError, read_latest_tag, read_metadata
+
+    load = getattr(namespace, "checkpoint.load", None)
+    if not load:
+        parser.error("--use-checkpoint-args needs --load DIR (the checkpoint to take the settings from)")
+    try:
+        metadata = read_metadata(load, read_latest_tag(load))
+    except (CheckpointError, OSError, ValueError) as exc:
+        parser.error(f"--use-checkpoint-args: {exc}")
+    saved_args = metadata.get("args", {})
+    saved = {f"model.{k}": v for k, v in saved_args.get("model", {}).items() if k not in _RUN_CHOICES}
+    saved.update({f"data.{k}": saved_args.get("data", {})[k] for k in _TOKENIZER_SETTINGS
+                  if k in saved_args.get("data", {})})
+    saved.update({f"vision.{k}": v for k, v in metadata.get("vision", {}).items()})
+    given = {action.dest for action in parser._actions
+             if any(token == opt or token.startswith(opt + "=") for opt in action.option_strings for token in argv)}
+    taken = []
+    for dest, value in saved.items():
+        if dest not in given and hasattr(namespace, dest):
+            setattr(namespace, dest, value)
+            taken.append(dest)
+    return taken
 
 
 def arguments_from_namespace(namespace: argparse.Namespace) -> Arguments:

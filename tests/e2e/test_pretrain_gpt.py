@@ -141,3 +141,19 @@ def test_sliding_evaluation_scores_every_token_once(corpus_prefix, tmp_path):
             total += float(model(tokens[begin:end - 1][None], tokens[begin + 1:end][None]).sum())
     assert results[127]["loss_nats"] == pytest.approx(total / 1016, rel=1e-5)
     assert results[32]["loss_nats"] != results[127]["loss_nats"]
+
+
+def test_use_checkpoint_args_continues_without_repeating_the_architecture(corpus_prefix, tmp_path):
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    shape = ["--num-layers", "3", "--hidden-size", "48", "--normalization", "RMSNorm", "--window-size", "16",
+             "--projection-rank", "2", "--full-attention-layers", "2"]
+    run_cli(pretrain_cmd(corpus_prefix, *shape, "--train-iters", "2", "--save", str(ckpt)))
+    bare = [sys.executable, "pretrain_gpt_ls.py", "--data-path", corpus_prefix, "--load", str(ckpt), "--finetune",
+            "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "1",
+            "--split", "90,8,2", "--log-interval", "1"]
+    refused = run_cli(bare, check=False)
+    assert refused.returncode != 0 and "--num-layers is 2 here but 3 in the checkpoint" in refused.stderr
+    out = run_cli([*bare, "--use-checkpoint-args"]).stdout
+    assert "loaded checkpoint" in out and sorted(iteration_losses(out)) == [1, 2]

@@ -120,3 +120,14 @@ def test_hflip_tta_sees_an_image_and_its_mirror_alike(reference, idx_dir, tmp_pa
     assert tta[0]["hflip_tta"] and tta[0]["top1"] == tta[1]["top1"] and tta[0]["top5"] == tta[1]["top5"]
     assert tta[0]["loss"] == pytest.approx(tta[1]["loss"], rel=1e-5)
     assert tta[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-6)
+
+
+def test_use_checkpoint_args_takes_the_vision_settings(reference, idx_dir):
+    """--use-checkpoint-args brings the model and vision settings (image size, patch, stem, classes, ...)."""
+    bare = [sys.executable, "pretrain_vit_ls.py", "--data-path", idx_dir, "--load", str(reference[2]), "--finetune",
+            "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "1",
+            "--log-interval", "1"]
+    refused = run_cli(bare, check=False)
+    assert refused.returncode != 0 and "in the checkpoint" in refused.stderr
+    out = run_cli([*bare, "--use-checkpoint-args"], timeout=400).stdout
+    assert "loaded checkpoint" in out and "top-1 accuracy: " in out

@@ -199,3 +199,28 @@ def test_help_shows_the_entry_points_own_defaults():
 
     assert default_of(vit, "--hidden-dropout") == "0.0" and default_of(gpt, "--hidden-dropout") == "0.1"
     assert default_of(vit, "--window-size") == "7" and default_of(gpt, "--window-size") != "7"
+
+
+def test_use_checkpoint_args_takes_the_model_from_the_checkpoint_and_keeps_given_flags(tmp_path, capsys):
+    import json
+
+    (tmp_path / "iter_0000004").mkdir()
+    (tmp_path / "latest").write_text("iter_0000004\n")
+    model = {"num_layers": 3, "hidden_size": 48, "num_attention_heads": 4, "window_size": 16, "hidden_dropout": 0.3,
+             "normalization": "RMSNorm", "full_attention_layers": [2], "seed": 99}
+    data = {"tokenizer_type": "NullTokenizer", "null_vocab_size": 300, "data_path": ["elsewhere"]}
+    (tmp_path / "iter_0000004" / "megatron_ls.json").write_text(json.dumps(
+        {"iteration": 4, "consumed_samples": 16, "args": {"model": model, "data": data}}))
+    a = parse_args(BASE + ["--load", str(tmp_path), "--use-checkpoint-args", "--hidden-size=64"], world_size=1)
+    m = a.model
+    assert (m.num_layers, m.num_attention_heads, m.window_size, m.normalization, m.full_attention_layers) == \
+        (3, 4, 16, "RMSNorm", (2,))
+    assert m.hidden_size == 64  # given on the command line: it wins
+    assert m.hidden_dropout == 0.1 and m.seed == 1234  # run choices stay the run's own
+    assert (a.data.tokenizer_type, a.data.null_vocab_size) == ("NullTokenizer", 300)
+    assert a.data.data_path != ["elsewhere"]  # data paths are never taken
+    for argv, message in ((["--use-checkpoint-args"], "--use-checkpoint-args needs --load DIR"),
+                          (["--use-checkpoint-args", "--load", str(tmp_path / "none")], "--use-checkpoint-args: ")):
+        with pytest.raises(SystemExit):
+            parse_args(BASE + argv, world_size=1)
+        assert message in capsys.readouterr().err
