@@ -140,6 +140,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
     if getattr(namespace, "checkpoint.use_checkpoint_args", False):
         apply_checkpoint_args(parser, namespace, sys.argv[1:] if argv is None else list(argv))
     args = arguments_from_namespace(namespace)
+    first_run_of_requeued_job(args)
     if world_size is None:
         world_size = launcher_world_size()  # WORLD_SIZE, or mpirun's process count
     try:
@@ -151,6 +152,24 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
         t.train_iters = t.train_samples // (t.global_batch_size or
                                             t.micro_batch_size * args.parallel.data_parallel_size(world_size))
     return args
+
+
+def first_run_of_requeued_job(args: Arguments) -> None:
+    """Megatron's requeue habit: every submission passes ``--load X --save X``, and the first finds nothing to
+    load. When ``--load`` is the ``--save`` directory and holds no checkpoint yet (no ``latest``, no ``iter_*``),
+    the run starts from scratch (``args.extra.load_note`` says so) unless ``--exit-on-missing-checkpoint``. A
+    ``--load`` of any other directory is left to fail naming it: a typo must not silently restart training."""
+    ck = args.checkpoint
+    if not (ck.load and ck.save) or os.path.realpath(ck.load) != os.path.realpath(ck.save):
+        return
+    from megatron_ls.checkpoint_files import LATEST_FILE
+
+    entries = os.listdir(ck.load) if os.path.isdir(ck.load) else []
+    if LATEST_FILE in entries or any(e.startswith("iter_") for e in entries) or ck.exit_on_missing_checkpoint:
+        return
+    args.extra.load_note = (f" no checkpoint in --load {ck.load} yet (it is the --save directory): starting from "
+                            f"scratch (--exit-on-missing-checkpoint makes this an error)")
+    ck.load = None
 
 
 # Model settings --use-checkpoint-args leaves to the command line: regularisation, kernels, recomputation and

@@ -446,6 +446,10 @@ class CheckpointConfig:
     allow_attention_change: bool = _f(False, "Resume although the checkpoint was trained with other attention "
                                              "settings (--window-size, --segment-length, --dual-ln-scope, ...); "
                                              "without it such a resume is refused.")
+    exit_on_missing_checkpoint: bool = _f(False, "Fail when --load names the --save directory and it holds no "
+                                                 "checkpoint yet (by default that first run of a requeued job "
+                                                 "starts from scratch; a --load elsewhere without one always "
+                                                 "fails).")
     use_checkpoint_args: bool = _f(False, "Take the model architecture, attention and tokenizer settings (and a "
                                           "vision model's settings) from the --load checkpoint; flags given on "
                                           "the command line still win.")

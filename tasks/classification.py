@@ -202,6 +202,8 @@ def train_classification(args: Arguments) -> dict:
         if rng_state is not None:
             set_rng_state_dict(rng_state)
         print_rank_0(f" loaded checkpoint from {ck.load} at iteration {iteration}")
+    elif getattr(args.extra, "load_note", None):
+        print_rank_0(args.extra.load_note)
 
     mb = t.micro_batch_size
     train_iter = _batches(train_view, consumed, mb, dp_rank, dp_size, pad_id, max_tokens)

@@ -136,6 +136,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         if ck.save and not ck.finetune and os.path.realpath(ck.save) == os.path.realpath(ck.load):
             unchanged_in_save = iteration
         print_rank_0(f" loaded checkpoint from {ck.load} at iteration {iteration}")
+    elif getattr(args.extra, "load_note", None):
+        print_rank_0(args.extra.load_note)
 
     mb = t.micro_batch_size
     train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers, cp_layout,

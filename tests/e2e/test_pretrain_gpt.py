@@ -90,6 +90,18 @@ def test_missing_checkpoint_dir_and_data_file_are_clear_errors(corpus_prefix, tm
     assert proc.returncode != 0 and "missing_text_document" in proc.stderr
 
 
+def test_requeued_job_with_load_equal_to_save_starts_then_resumes(corpus_prefix, tmp_path):
+    """Megatron's habit: every submission passes --load X --save X; the first finds nothing and starts fresh."""
+    ckpt = str(tmp_path / "ckpt")
+    first = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "2", "--load", ckpt, "--save", ckpt)).stdout
+    assert f"no checkpoint in --load {ckpt} yet (it is the --save directory): starting from scratch" in first
+    second = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "3", "--load", ckpt, "--save", ckpt)).stdout
+    assert f"loaded checkpoint from {ckpt} at iteration 2" in second and sorted(iteration_losses(second)) == [3]
+    strict = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "1", "--load", str(tmp_path / "new"), "--save",
+                                  str(tmp_path / "new"), "--exit-on-missing-checkpoint"), check=False)
+    assert strict.returncode != 0 and "no such directory" in strict.stderr
+
+
 def test_invalid_flags_fail_before_training(corpus_prefix):
     proc = run_cli(pretrain_cmd(corpus_prefix, "--window-size", "8", "--segment-length", "16"), check=False)
     assert proc.returncode == 2
