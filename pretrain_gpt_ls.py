@@ -45,6 +45,7 @@ def datasets_provider(args: Arguments, num_samples: tuple):
         args.model.vocab_size = checkpoint_padded_vocab(args.checkpoint.load, tokenizer.padded_vocab_size,
                                                         tokenizer.vocab_size, args.parallel.tensor_model_parallel_size,
                                                         notice=say)
+    mock = d.mock_data and not d.data_cache_path  # mock indices go to a local temp dir: every rank builds its own
     empty = empty_eval_parts(d.data_path, d.split) if d.data_path else {}
     for reason in empty.values():
         if say:
@@ -53,13 +54,15 @@ def datasets_provider(args: Arguments, num_samples: tuple):
     per_split = (d.train_data_path, d.valid_data_path, d.test_data_path)
     train, valid, test = build_gpt_datasets(d.data_path, d.split, args.model.seq_length, num_samples,
                                             seed=args.model.seed, cache_dir=d.data_cache_path,
-                                            is_builder=dist.get_rank() == 0, barrier=dist.barrier,
+                                            is_builder=mock or dist.get_rank() == 0, barrier=dist.barrier,
                                             eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
                                             per_split_data_paths=None if d.data_path else per_split,
-                                            mid_level_dataset_surplus=d.mid_level_dataset_surplus)
-    prefixes = d.data_path or [p for paths in per_split if paths for p in parse_data_path(paths)[0]]
-    check_dataset_vocabulary(prefixes, tokenizer.vocab_size, f"--tokenizer-type {d.tokenizer_type}",
-                             d.data_cache_path)
+                                            mid_level_dataset_surplus=d.mid_level_dataset_surplus,
+                                            mock_vocab_size=tokenizer.vocab_size if d.mock_data else None)
+    if not d.mock_data:  # mock ids are inside the vocabulary by construction
+        prefixes = d.data_path or [p for paths in per_split if paths for p in parse_data_path(paths)[0]]
+        check_dataset_vocabulary(prefixes, tokenizer.vocab_size, f"--tokenizer-type {d.tokenizer_type}",
+                                 d.data_cache_path)
     return train, valid, test, tokenizer.is_byte_level
 
 

@@ -66,6 +66,9 @@ def check_vision_arguments(args: Arguments, vision: VisionConfig) -> None:
                                    ("--disable-bias-linear", not m.add_bias_linear),
                                    ("--untie-embeddings-and-output-weights", m.untie_embeddings_and_output_weights))
              if on]
+    if args.data.mock_data:
+        problems.append("--mock-data is GPT-LS's synthetic text; for a vision run without images use --dry-run "
+                        "(random images)")
     if llama:
         problems.append(f"{', '.join(llama)}: GPT-LS options, not built for the vision models (LayerNorm, GELU, "
                         f"biases as the released ViL)")

@@ -388,6 +388,8 @@ class DataConfig:
     valid_data_path: list = _f([], "Validation blend of its own (not with --data-path).", nargs="*", type=str)
     test_data_path: list = _f([], "Test blend of its own (not with --data-path).", nargs="*", type=str)
     data_cache_path: Optional[str] = _f(None, "Where index caches are written (default next to the data).")
+    mock_data: bool = _f(False, "Synthetic data instead of --data-path (megatron-core's mock GPT sequences; "
+                                "split 1,1,1): throughput runs and smoke tests without files.")
     mid_level_dataset_surplus: float = _f(0.005, "Extra share of samples each blended dataset is built with.")
     eod_mask_loss: bool = _f(False, "No loss where the input token is the end-of-document token.")
     reset_position_ids: bool = _f(False, "Megatron's position reset at EOD: not supported by GPT-LS (refused).")
@@ -405,8 +407,11 @@ class DataConfig:
     def validate(self, require_data: bool = True) -> None:
         problems = []
         per_split = self.train_data_path or self.valid_data_path or self.test_data_path
-        if require_data and not self.data_path and not per_split:
-            problems.append("--data-path is required (a dataset prefix built by tools/preprocess_data.py)")
+        if self.mock_data and (self.data_path or per_split):
+            problems.append("--mock-data replaces --data-path / --train/valid/test-data-path: give one or the other")
+        elif require_data and not self.data_path and not per_split and not self.mock_data:
+            problems.append("--data-path is required (a dataset prefix built by tools/preprocess_data.py, or "
+                            "--mock-data for synthetic data)")
         if self.data_path and per_split:
             problems.append("--data-path and --train/valid/test-data-path cannot be used together (Megatron-LM)")
         for flag, on in (("--reset-position-ids", self.reset_position_ids),

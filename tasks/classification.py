@@ -63,6 +63,9 @@ def check_task_arguments(args: Arguments) -> None:
         problems.append(f"--cls-init-std must be >= 0, got {e.cls_init_std}")
     if e.bucket_batches < 0:
         problems.append(f"--bucket-batches must be >= 0, got {e.bucket_batches}")
+    if args.data.mock_data:
+        problems.append("--mock-data is GPT-LS's synthetic text; tasks read --data-path made by "
+                        "tools/generate_task_data.py")
     if args.model.untie_embeddings_and_output_weights:
         problems.append("--untie-embeddings-and-output-weights does not apply to sequence classification (its "
                         "head is a classifier, not an LM head)")

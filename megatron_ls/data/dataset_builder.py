@@ -8,17 +8,21 @@ Cases (Megatron's, for each split with a non-empty part and a positive sample co
 - several prefixes without weights: each part is built for exactly one epoch and blended with weights
   equal to the parts' sample counts, to ``min(n, total)`` samples;
 - per-split paths (``--train-data-path`` ...): the same per split over all of each prefix's sequences
-  (a single per-split prefix ignores its weight, as in Megatron).
+  (a single per-split prefix ignores its weight, as in Megatron);
+- ``--mock-data`` (``mock_vocab_size``): one unweighted prefix of synthetic sequences split ``1,1,1`` (megatron-core
+  ignores ``--split`` for mock data too).
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Callable, Optional, Sequence
 
 from megatron_ls.data.blend_config import SPLIT_NAMES, parse_data_path, parse_split, samples_per_dataset, split_ranges
 from megatron_ls.data.blended_dataset import BlendedDataset, normalize_weights
 from megatron_ls.data.gpt_dataset import GPTDataset, GPTDatasetError
 from megatron_ls.data.indexed_dataset import IndexedDataset
+from megatron_ls.data.mock_dataset import MOCK_PREFIX, MockIndexedDataset
 
 __all__ = ["build_gpt_datasets", "MID_LEVEL_DATASET_SURPLUS"]
 
@@ -28,14 +32,19 @@ MID_LEVEL_DATASET_SURPLUS = 0.005  # Megatron's default --mid-level-dataset-surp
 class _Context:
     """What every dataset of one build shares."""
 
-    def __init__(self, seq_length: int, seed: int, cache_dir: str, surplus: float, eod_kw: dict) -> None:
+    def __init__(self, seq_length: int, seed: int, cache_dir: str, surplus: float, eod_kw: dict,
+                 mock_vocab_size: Optional[int] = None) -> None:
         self.seq_length, self.seed, self.cache_dir, self.surplus, self.eod_kw = (
             seq_length, seed, cache_dir, surplus, eod_kw)
+        self.mock_vocab_size = mock_vocab_size
         self._indexed: dict[str, IndexedDataset] = {}
 
     def indexed(self, prefix: str) -> IndexedDataset:
         if prefix not in self._indexed:
-            self._indexed[prefix] = IndexedDataset(prefix)
+            if prefix == MOCK_PREFIX:
+                self._indexed[prefix] = MockIndexedDataset(self.mock_vocab_size, self.eod_kw["eod_token"])
+            else:
+                self._indexed[prefix] = IndexedDataset(prefix)
         return self._indexed[prefix]
 
     def part(self, prefix: str, s: int, index_range: tuple[int, int], num_samples: Optional[int]) -> GPTDataset:
@@ -100,6 +109,7 @@ def build_gpt_datasets(
     eod_mask_loss: bool = False,
     per_split_data_paths: Sequence[Sequence[str] | None] | None = None,
     mid_level_dataset_surplus: float = MID_LEVEL_DATASET_SURPLUS,
+    mock_vocab_size: Optional[int] = None,
 ) -> tuple:
     """(train, valid, test) as megatron-core builds them; an entry is None for an empty part or 0 samples.
 
@@ -107,7 +117,19 @@ def build_gpt_datasets(
     unused). Indices are cached under ``cache_dir`` (default: ``index-cache/`` next to the first prefix). In a
     multi-process job pass ``is_builder=(rank == 0)`` and ``barrier=torch.distributed.barrier``: the builder
     writes the caches, everyone meets at the barrier, then every process memory-maps them.
+
+    ``mock_vocab_size`` (the tokenizer's unpadded size; needs ``eod_token``): synthetic data instead of files
+    (``--mock-data``); the caches then default to a directory under the system's temporary one.
     """
+    if mock_vocab_size is not None:
+        if data_path or (per_split_data_paths is not None and any(per_split_data_paths)):
+            raise GPTDatasetError("--mock-data replaces --data-path / --train/valid/test-data-path: give one or the "
+                                  "other")
+        if eod_token is None:
+            raise GPTDatasetError("--mock-data needs the tokenizer's end-of-document id")
+        data_path, split, per_split_data_paths = [MOCK_PREFIX], "1,1,1", None
+        if cache_dir is None:
+            cache_dir = os.path.join(tempfile.gettempdir(), f"megatron_ls-mock-index-cache-{os.getuid()}")
     per_split = list(per_split_data_paths) if per_split_data_paths is not None else None
     if per_split is not None and not any(per_split):
         per_split = None
@@ -130,7 +152,7 @@ def build_gpt_datasets(
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
     ctx = _Context(int(seq_length), int(seed), cache_dir, float(mid_level_dataset_surplus),
-                   {"eod_token": eod_token, "eod_mask_loss": eod_mask_loss})
+                   {"eod_token": eod_token, "eod_mask_loss": eod_mask_loss}, mock_vocab_size)
     result: list = [None, None, None]
     for s in range(3):
         size = int(num_samples[s])

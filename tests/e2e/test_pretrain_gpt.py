@@ -169,3 +169,21 @@ def test_use_checkpoint_args_continues_without_repeating_the_architecture(corpus
     assert refused.returncode != 0 and "--num-layers is 2 here but 3 in the checkpoint" in refused.stderr
     out = run_cli([*bare, "--use-checkpoint-args"]).stdout
     assert "loaded checkpoint" in out and sorted(iteration_losses(out)) == [1, 2]
+
+
+@pytest.mark.distributed
+def test_mock_data_trains_without_files_alike_on_one_and_two_ranks(corpus_prefix, tmp_path):
+    """--mock-data: megatron-core's synthetic sequences (parity: tests/unit/data/test_megatron_parity.py); every
+    rank builds its own indices in a local temp dir, so two data-parallel ranks log the one-process losses."""
+    import sys
+
+    flags = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000", "--num-layers", "2",
+             "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "128", "--window-size", "32",
+             "--segment-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+             "--log-interval", "1", "--eval-iters", "1", "--hidden-dropout", "0", "--attention-dropout", "0"]
+    one = iteration_losses(run_cli([sys.executable, "pretrain_gpt_ls.py", *flags]).stdout)
+    two = iteration_losses(run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "2", "pretrain_gpt_ls.py", *flags], timeout=300).stdout)
+    assert sorted(one) == [1, 2, 3] and two == pytest.approx(one, rel=2e-5)
+    both = run_cli(pretrain_cmd(corpus_prefix, "--mock-data", "--train-iters", "1"), check=False)
+    assert both.returncode != 0 and "--mock-data replaces --data-path" in both.stderr

@@ -18,7 +18,7 @@ logging.disable(logging.WARNING)
 
 from megatron.core.datasets.blended_dataset import BlendedDataset  # noqa: E402
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: E402
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset  # noqa: E402
 from megatron.core.datasets.utils import get_blend_from_list  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
@@ -27,21 +27,25 @@ SPLITS = ("train", "valid", "test")
 class Tokenizer:
     """What GPTDatasetConfig reads of a tokenizer: the vocabulary size and the EOD id (no pad id)."""
 
-    def __init__(self, eod: int) -> None:
-        self.vocab_size, self.eod = 65000, eod
+    def __init__(self, eod: int, vocab_size: int = 65000) -> None:
+        self.vocab_size, self.eod = vocab_size, eod
         self.unique_identifiers = {"class": "Tokenizer", "eod": eod}
 
 
 def build(case: dict) -> list:
-    if case.get("per_split"):
+    if case.get("mock_vocab_size"):  # --mock-data: no blend at all
+        blends = {}
+    elif case.get("per_split"):
         blends = {"blend_per_split": [get_blend_from_list(p) if p else None for p in case["per_split"]]}
     else:
         blends = {"blend": get_blend_from_list(case["data_path"]), "split": case["split"]}
     config = GPTDatasetConfig(random_seed=case["seed"], sequence_length=case["seq_length"],
-                              tokenizer=Tokenizer(case.get("eod", 0)), reset_position_ids=False,
+                              tokenizer=Tokenizer(case.get("eod", 0), case.get("mock_vocab_size") or 65000),
+                              reset_position_ids=False,
                               reset_attention_mask=False, eod_mask_loss=case.get("eod_mask_loss", False),
                               create_attention_mask=False, **blends)
-    return BlendedMegatronDatasetBuilder(GPTDataset, case["sizes"], lambda: True, config).build()
+    cls = MockGPTDataset if case.get("mock_vocab_size") else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, case["sizes"], lambda: True, config).build()
 
 
 def save(case: dict, datasets: list, out_dir: str) -> None:
@@ -50,7 +54,7 @@ def save(case: dict, datasets: list, out_dir: str) -> None:
         arrays[f"{name}_len"] = np.array(-1 if ds is None else len(ds))
         if ds is None or len(ds) == 0:
             continue
-        parts = [ds] if isinstance(ds, GPTDataset) else ds.datasets
+        parts = [ds] if isinstance(ds, GPTDataset) else ds.datasets  # MockGPTDataset is a GPTDataset
         if isinstance(ds, BlendedDataset):
             arrays[f"{name}_dataset_index"] = np.asarray(ds.dataset_index)
             arrays[f"{name}_dataset_sample_index"] = np.asarray(ds.dataset_sample_index)

@@ -145,3 +145,7 @@ def test_pretrain_vit_flags():
     with pytest.raises(ConfigError, match="--normalization RMSNorm, --disable-bias-linear: GPT-LS options, not "
                                           "built for the vision"):
         _vit_dry_run("--normalization", "RMSNorm", "--disable-bias-linear")
+    import pretrain_vit_ls
+
+    with pytest.raises(ConfigError, match="--mock-data is GPT-LS's synthetic text"):
+        pretrain_vit_ls.main(["--mock-data", "--img-h", "16", "--img-w", "16", "--patch-dim", "4", "--dry-run"])

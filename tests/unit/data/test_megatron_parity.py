@@ -3,7 +3,8 @@
 megatron-core (pinned in the ``dev`` extra) builds each case in one subprocess (``megatron_reference.py``); our
 ``build_gpt_datasets`` builds the same case here. Cases: one epoch, many epochs (both final-epoch shuffles),
 empty documents and zero-length sequences, multi-sequence documents, blends with and without weights, a single
-weighted prefix, per-split data paths, and ``--eod-mask-loss``.
+weighted prefix, per-split data paths, ``--eod-mask-loss``, and ``--mock-data`` (megatron-core's
+``MockGPTDataset``).
 """
 import importlib.util
 import json
@@ -79,6 +80,8 @@ def _cases(c: dict) -> list:
         case("per_split_single_weighted", [200, 30, 0], seq_length=32, split=None,
              per_split=[["0.5", c["multi"]], ["2", c["a"], "1", c["tiny"]], None]),
         case("eod_mask_loss", [200, 20, 10], seq_length=32, data_path=[c["eod"]], eod=3, eod_mask_loss=True),
+        # --mock-data: megatron-core's MockGPTDataset (its --split is ignored: 1,1,1); ids wrap at a small vocab
+        case("mock_data", [300, 40, 20], seq_length=512, eod=256, mock_vocab_size=257, eod_mask_loss=True),
     ]
 
 
@@ -97,12 +100,13 @@ def reference(corpora, tmp_path_factory):
 def _ours(case: dict, cache_dir: str) -> tuple:
     return build_gpt_datasets(case["data_path"], case["split"] or "", case["seq_length"], tuple(case["sizes"]),
                               case["seed"], cache_dir=cache_dir, per_split_data_paths=case["per_split"],
-                              eod_token=case.get("eod"), eod_mask_loss=case.get("eod_mask_loss", False))
+                              eod_token=case.get("eod"), eod_mask_loss=case.get("eod_mask_loss", False),
+                              mock_vocab_size=case.get("mock_vocab_size"))
 
 
 CASE_NAMES = ["one_epoch", "many_epochs", "many_epochs_whole", "empty_documents", "multi_sequence", "blend_weights",
               "blend_three", "single_weighted", "blend_no_weights", "per_split", "per_split_single_weighted",
-              "eod_mask_loss"]
+              "eod_mask_loss", "mock_data"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
