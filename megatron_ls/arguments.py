@@ -107,6 +107,25 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str) 
     group.add_argument(flag, **kwargs)
 
 
+class _PositionEmbeddingFlag(argparse.Action):
+    """Megatron-LM's older spellings of ``--position-embedding-type``: ``--use-rotary-position-embeddings`` means
+    rope; ``--no-position-embedding`` drops the learned table (none), but never overrides rope, in either order."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest, None)
+        if self.const == "rope" or current != "rope":
+            setattr(namespace, self.dest, self.const)
+
+
+def _add_legacy_position_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Megatron-LM's older position flags")
+    group.add_argument("--use-rotary-position-embeddings", dest="model.position_embedding_type", nargs=0,
+                       action=_PositionEmbeddingFlag, const="rope", help="= --position-embedding-type rope.")
+    group.add_argument("--no-position-embedding", dest="model.position_embedding_type", nargs=0,
+                       action=_PositionEmbeddingFlag, const="none",
+                       help="No learned position table: --position-embedding-type none (rope stays rope).")
+
+
 def build_parser(description: str = "megatron_ls",
                  extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
                  ) -> argparse.ArgumentParser:
@@ -117,6 +136,7 @@ def build_parser(description: str = "megatron_ls",
         for f in dataclasses.fields(cls):
             if f.metadata.get("cli", True):
                 _add_field(group, f, dest=f"{prefix}.{f.name}")
+    _add_legacy_position_flags(parser)
     launcher = parser.add_argument_group("Launcher")
     # The deepspeed launcher passes --local_rank; torchrun uses LOCAL_RANK. Accept both spellings.
     launcher.add_argument("--local-rank", "--local_rank", dest="extra.local_rank", type=int, metavar="N",

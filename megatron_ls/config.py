@@ -41,7 +41,7 @@ class TransformerConfig:
     max_position_embeddings: Optional[int] = _f(None, "Size of the learned position table (default seq length).")
     position_embedding_type: str = _f("learned", "Position embedding: a learned absolute table, rotary (RoPE on "
                                                  "queries and keys; no length limit), or none.",
-                                      choices=("learned", "rope", "none"))
+                                      choices=("learned", "rope", "none", "learned_absolute"))
     rotary_base: float = _f(10000.0, "RoPE base (with --position-embedding-type rope).")
     rotary_percent: float = _f(1.0, "Fraction of each head's channels that RoPE rotates.")
     hidden_dropout: float = _f(0.1, "Dropout on the residual branches and embeddings.")
@@ -100,6 +100,8 @@ class TransformerConfig:
             self.max_position_embeddings = self.seq_length
         self.full_attention_layers = tuple(int(i) for i in self.full_attention_layers)
         self.attention_backend = MEGATRON_ATTENTION_BACKENDS.get(self.attention_backend, self.attention_backend)
+        if self.position_embedding_type == "learned_absolute":  # Megatron-LM's name for the learned table
+            self.position_embedding_type = "learned"
         if self.recompute_activations and self.recompute_granularity is None:
             self.recompute_granularity = "full"
 

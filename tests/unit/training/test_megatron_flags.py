@@ -224,3 +224,15 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint_and_keeps_given
         with pytest.raises(SystemExit):
             parse_args(BASE + argv, world_size=1)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,kind", [
+    ([], "learned"),
+    (["--position-embedding-type", "learned_absolute"], "learned"),
+    (["--use-rotary-position-embeddings"], "rope"),
+    (["--no-position-embedding"], "none"),
+    (["--use-rotary-position-embeddings", "--no-position-embedding"], "rope"),
+    (["--no-position-embedding", "--use-rotary-position-embeddings"], "rope"),
+])
+def test_megatron_position_flag_spellings(argv, kind):
+    assert parse_args(BASE + argv, world_size=1).model.position_embedding_type == kind
