@@ -346,7 +346,8 @@ def build_deepspeed_config(args: Arguments, data_parallel_size: int, context_par
         config["bf16"] = {"enabled": True}
     if t.fp16:
         fp16: dict[str, Any] = {"enabled": True, "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
-                                "loss_scale_window": t.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
+                                "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis,
+                                "min_loss_scale": t.min_loss_scale}
         fp16["loss_scale"] = t.loss_scale if t.loss_scale is not None else 0
         config["fp16"] = fp16
     if t.deepspeed_config:

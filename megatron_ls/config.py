@@ -289,10 +289,15 @@ class TrainingConfig:
     loss_scale: Optional[float] = _f(None, "Static loss scale for fp16 (default dynamic).")
     initial_loss_scale: float = _f(2.0 ** 16, "Initial dynamic loss scale for fp16.")
     loss_scale_window: int = _f(1000, "Iterations without overflow before the loss scale grows.")
+    hysteresis: int = _f(2, "fp16: overflows in a row tolerated before the dynamic loss scale shrinks.")
+    min_loss_scale: float = _f(1.0, "fp16: the smallest dynamic loss scale.")
     nonfinite_steps_limit: int = _f(1, "Stop with an error after this many consecutive iterations whose loss or "
                                        "gradient norm is not finite (each is skipped: weights and LR schedule "
                                        "unchanged, counted as skipped); fp16 loss-scale overflows do not count.")
     deepspeed_config: Optional[str] = _f(None, "DeepSpeed JSON merged over the config built from these flags.")
+    skip_train: bool = _f(False, "Evaluate only (Megatron's flag): no training iterations and no saving; the "
+                                 "validation and test evaluations of the --load checkpoint (or of the fresh "
+                                 "weights) run and the program exits.")
     manual_gc: bool = _f(False, "Switch Python's automatic garbage collector off during training and collect at "
                                 "the same points on every rank (--manual-gc-interval, around evaluation).")
     manual_gc_interval: int = _f(0, "With --manual-gc: collect every this many iterations (0 = only around "
@@ -306,6 +311,10 @@ class TrainingConfig:
 
     def validate(self, data_parallel_size: int) -> None:
         problems = []
+        if self.hysteresis < 1:
+            problems.append(f"--hysteresis must be >= 1, got {self.hysteresis}")
+        if not self.min_loss_scale > 0:
+            problems.append(f"--min-loss-scale must be positive, got {self.min_loss_scale}")
         if self.manual_gc_interval < 0:
             problems.append(f"--manual-gc-interval must be >= 0, got {self.manual_gc_interval}")
         if self.micro_batch_size <= 0:

@@ -184,7 +184,8 @@ def train_classification(args: Arguments) -> dict:
         checkpointing.check_compatible(ck.load, args.model, finetune=ck.finetune,
                                        allow_attention_change=ck.allow_attention_change)
         checkpointing.check_layout_change(ck.load, p, dp_size, load_optimizer=not (ck.no_load_optim or ck.finetune))
-        checkpointing.check_resume_position(ck.load, t.train_iters, finetune=ck.finetune)
+        if not t.skip_train:
+            checkpointing.check_resume_position(ck.load, t.train_iters, finetune=ck.finetune)
         _check_task_checkpoint(ck.load, task_meta)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
@@ -260,7 +261,9 @@ def train_classification(args: Arguments) -> dict:
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
     exits, stop = early_exits(args), None
     collector.start()
-    while iteration < t.train_iters:
+    if t.skip_train:
+        print_rank_0(f" skipping training (--skip-train): evaluating the weights of iteration {iteration}")
+    while not t.skip_train and iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr
         loss, skipped = steps.train_step(counted_iter)

@@ -101,7 +101,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         checkpointing.check_compatible(ck.load, args.model, finetune=ck.finetune,
                                        allow_attention_change=ck.allow_attention_change)
         checkpointing.check_layout_change(ck.load, p, dp_size)
-        checkpointing.check_resume_position(ck.load, t.train_iters, finetune=ck.finetune)
+        if not t.skip_train:  # evaluating only: where the schedule would end does not matter
+            checkpointing.check_resume_position(ck.load, t.train_iters, finetune=ck.finetune)
     pipeline = p.pipeline_model_parallel_size > 1
     args.model.sequence_parallel = p.sequence_parallel and p.tensor_model_parallel_size > 1
     if p.sequence_parallel and not args.model.sequence_parallel:
@@ -199,7 +200,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16, loss_name=task.loss_name)
     exits = early_exits(args)
     collector.start()
-    while iteration < t.train_iters:
+    if t.skip_train:
+        print_rank_0(f" skipping training (--skip-train): evaluating the weights of iteration {iteration}")
+    while not t.skip_train and iteration < t.train_iters:
         faults.set_phase(f"training iteration {iteration + 1}")
         lr = scheduler.current_lr  # the rate this step uses (the scheduler moves on inside the step)
         loss, skipped = steps.train_step(train_iter)
@@ -245,7 +248,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             break
     exits.restore()
     if not exited_early:
-        if ck.save and not (ck.save_interval and iteration % ck.save_interval == 0):
+        if ck.save and not t.skip_train and not (ck.save_interval and iteration % ck.save_interval == 0):
             save(iteration)
         summary["validation_loss"] = run_eval("validation", valid_ds, iteration, "validation")
         summary["test_loss"] = run_eval("test", test_ds, iteration, "test")

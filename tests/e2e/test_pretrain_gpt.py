@@ -187,3 +187,20 @@ def test_mock_data_trains_without_files_alike_on_one_and_two_ranks(corpus_prefix
     assert sorted(one) == [1, 2, 3] and two == pytest.approx(one, rel=2e-5)
     both = run_cli(pretrain_cmd(corpus_prefix, "--mock-data", "--train-iters", "1"), check=False)
     assert both.returncode != 0 and "--mock-data replaces --data-path" in both.stderr
+
+
+def test_skip_train_evaluates_the_checkpoint_and_writes_nothing(corpus_prefix, tmp_path):
+    import re
+
+    ckpt = tmp_path / "ckpt"
+    trained = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "3", "--save", str(ckpt))).stdout
+    before = sorted(p.name for p in ckpt.iterdir())
+    # --train-iters below the checkpoint's iteration: no training, so no refusal
+    out = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "1", "--load", str(ckpt), "--save", str(ckpt),
+                               "--skip-train")).stdout
+    assert "skipping training (--skip-train): evaluating the weights of iteration 3" in out
+    assert not iteration_losses(out) and sorted(p.name for p in ckpt.iterdir()) == before
+
+    def loss(text: str, split: str) -> str:
+        return re.search(rf" {split} loss at iteration 3 \| lm loss value: (\S+)", text).group(1)
+    assert loss(out, "validation") == loss(trained, "validation") and loss(out, "test") == loss(trained, "test")

@@ -104,6 +104,8 @@ def test_schedule_resumes_at_its_position():
     (["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full", "--recompute-method", "block"],
      "--recompute-method block is not available with pipeline parallelism"),
     (["--overlap-grad-reduce"], "--overlap-grad-reduce overlaps ZeRO's gradient reduction: use it with --zero-stage"),
+    (["--hysteresis", "0"], "--hysteresis must be >= 1, got 0"),
+    (["--min-loss-scale", "0"], "--min-loss-scale must be positive, got 0.0"),
 ])
 def test_schedule_and_mapping_errors_name_the_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -122,6 +124,9 @@ def test_megatron_flags_map_onto_ours():
 
     a = parse_args(BASE + ["--use-distributed-optimizer", "--overlap-grad-reduce"], world_size=2)
     assert build_deepspeed_config(a, 2)["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    fp16 = build_deepspeed_config(parse_args(BASE + ["--fp16", "--hysteresis", "4", "--min-loss-scale", "0.25"],
+                                             world_size=1), 1)["fp16"]
+    assert (fp16["hysteresis"], fp16["min_loss_scale"]) == (4, 0.25)
     assert "overlap_comm" not in build_deepspeed_config(parse_args(BASE + ["--zero-stage", "1"], world_size=2),
                                                         2)["zero_optimization"]
     assert parse_args(BASE + ["--recompute-activations"], world_size=1).model.recompute_granularity == "full"
