@@ -266,6 +266,19 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
                         "pipeline recomputes uniform groups of layers); use --recompute-method uniform")
     if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
         problems.append("--exit-interval must be positive")
+    lg = args.logging
+    if lg.profile:
+        if not 0 <= lg.profile_step_start < lg.profile_step_end:
+            problems.append(f"--profile-step-start {lg.profile_step_start} and --profile-step-end "
+                            f"{lg.profile_step_end}: need 0 <= start < end")
+        if lg.use_pytorch_profiler and not lg.tensorboard_dir:
+            problems.append("--use-pytorch-profiler writes its trace into --tensorboard-dir: give one")
+        if not lg.use_pytorch_profiler:
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append("--profile without --use-pytorch-profiler drives nsys through CUDA's profiler API "
+                                "and needs a GPU; add --use-pytorch-profiler (CPU and CUDA)")
     if args.logging.exit_duration_in_mins is not None and not args.logging.exit_duration_in_mins > 0:
         problems.append(f"--exit-duration-in-mins must be positive, got {args.logging.exit_duration_in_mins}")
     if args.checkpoint.save_interval is not None and args.checkpoint.save_interval <= 0:

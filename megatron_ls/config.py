@@ -487,6 +487,13 @@ class LoggingConfig:
                                           "status 0; one rank receiving it is enough. Resume with --load.")
     exit_signal: str = _f("SIGTERM", "The signal --exit-signal-handler catches.",
                           choices=("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
+    profile: bool = _f(False, "Profile iterations --profile-step-start + 1 .. --profile-step-end on --profile-ranks: "
+                              "with --use-pytorch-profiler a torch profiler trace in --tensorboard-dir, otherwise "
+                              "CUDA profiler API + NVTX ranges for nsys (--capture-range=cudaProfilerApi; GPU).")
+    use_pytorch_profiler: bool = _f(False, "With --profile: the torch profiler (CPU and CUDA) instead of nsys.")
+    profile_step_start: int = _f(10, "With --profile: iterations completed before profiling starts.")
+    profile_step_end: int = _f(12, "With --profile: iterations completed when profiling stops.")
+    profile_ranks: list = _f([0], "With --profile: global ranks that profile.", nargs="+", type=int)
     log_params_norm: bool = _f(False, "Also log the weights' global L2 norm ('params norm' in the iteration line, "
                                       "'params-norm' in tensorboard), counted once whatever the layout.")
     tensorboard_dir: Optional[str] = _f(None, "Write tensorboard scalars here.")

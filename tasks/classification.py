@@ -30,6 +30,7 @@ from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.manual_gc import ManualGC
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
+from megatron_ls.training.profiling import StepProfiler
 from megatron_ls.training.pretrain import check_precision_supported, early_exits, logged_params_norm
 from megatron_ls.training.steps import build_steps
 
@@ -261,6 +262,8 @@ def train_classification(args: Arguments) -> dict:
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
     exits, stop = early_exits(args), None
     collector.start()
+    profiler = StepProfiler(lg.profile, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
+                            dist.get_rank(), lg.use_pytorch_profiler, lg.tensorboard_dir)
     if t.skip_train:
         print_rank_0(f" skipping training (--skip-train): evaluating the weights of iteration {iteration}")
     while not t.skip_train and iteration < t.train_iters:
@@ -294,12 +297,14 @@ def train_classification(args: Arguments) -> dict:
         if saved_now:
             save(iteration)
         collector.after_iteration(iteration)
+        profiler.step(iteration)
         stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
                 else exits.check())  # the same on every rank
         if stop:
             exited_early = True
             break
     exits.restore()
+    profiler.stop()
     if ck.save and not saved_now and iteration not in (0, loaded_iteration):
         save(iteration)  # the final state, or the one an early exit stops at
     if exited_early:

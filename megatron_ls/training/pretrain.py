@@ -17,6 +17,7 @@ from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import build_data_iterator
 from megatron_ls.training.exit_conditions import ExitConditions
 from megatron_ls.training.manual_gc import ManualGC
+from megatron_ls.training.profiling import StepProfiler
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, format_iteration_line,
@@ -200,6 +201,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16, loss_name=task.loss_name)
     exits = early_exits(args)
     collector.start()
+    profiler = StepProfiler(lg.profile, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
+                            dist.get_rank() if dist.is_initialized() else 0, lg.use_pytorch_profiler,
+                            lg.tensorboard_dir)
     if t.skip_train:
         print_rank_0(f" skipping training (--skip-train): evaluating the weights of iteration {iteration}")
     while not t.skip_train and iteration < t.train_iters:
@@ -238,6 +242,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
             save(iteration)
         collector.after_iteration(iteration)
+        profiler.step(iteration)
         stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
                 else exits.check())  # the same on every rank
         if stop:
@@ -247,6 +252,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             exited_early = True
             break
     exits.restore()
+    profiler.stop()
     if not exited_early:
         if ck.save and not t.skip_train and not (ck.save_interval and iteration % ck.save_interval == 0):
             save(iteration)

@@ -85,3 +85,21 @@ def test_unknown_megatron_flag_is_one_line_naming_the_nearest(corpus_prefix):
     assert proc.stderr.strip().splitlines() == [
         "pretrain_gpt_ls.py: error: unrecognized argument --recompute-granularty; did you mean "
         "--recompute-granularity?"], proc.stderr
+
+
+def test_pytorch_profiler_traces_megatrons_iterations(corpus_prefix, tmp_path):
+    """--profile --use-pytorch-profiler --profile-step-start 1 --profile-step-end 3 records iterations 2 and 3
+    (Megatron's counting) into a trace in --tensorboard-dir; nsys mode without a GPU is one clear error."""
+    import json
+
+    tb = tmp_path / "tb"
+    run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "4", "--profile", "--use-pytorch-profiler",
+                         "--profile-step-start", "1", "--profile-step-end", "3", "--tensorboard-dir", str(tb)))
+    traces = list(tb.glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    steps = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#1", "ProfilerStep#2"]  # profiler step k = iteration k + 1
+    assert any("aten::mm" in str(e.get("name")) or "aten::addmm" in str(e.get("name")) for e in events)
+    nsys = run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "1", "--profile"), check=False)
+    assert nsys.returncode != 0 and "add --use-pytorch-profiler" in nsys.stderr

@@ -105,6 +105,9 @@ def test_schedule_resumes_at_its_position():
      "--recompute-method block is not available with pipeline parallelism"),
     (["--overlap-grad-reduce"], "--overlap-grad-reduce overlaps ZeRO's gradient reduction: use it with --zero-stage"),
     (["--hysteresis", "0"], "--hysteresis must be >= 1, got 0"),
+    (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "tb", "--profile-step-start", "3",
+      "--profile-step-end", "3"], "need 0 <= start < end"),
+    (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler writes its trace into --tensorboard-dir"),
     (["--min-loss-scale", "0"], "--min-loss-scale must be positive, got 0.0"),
 ])
 def test_schedule_and_mapping_errors_name_the_flags(argv, message, capsys):
