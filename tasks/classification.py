@@ -26,12 +26,11 @@ from megatron_ls.model.classification import ClassificationModel
 from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import check_dataset_vocabulary
 from megatron_ls.training.initialize import initialize_megatron_ls
+from megatron_ls.training.loop_hooks import LoopHooks
 from megatron_ls.training.lr_schedule import build_scheduler
-from megatron_ls.training.manual_gc import ManualGC
 from megatron_ls.training.metrics import TensorboardWriter, format_iteration_line, model_flops_per_token
 from megatron_ls.training.optimizer import build_optimizer
-from megatron_ls.training.profiling import StepProfiler
-from megatron_ls.training.pretrain import check_precision_supported, early_exits, logged_params_norm
+from megatron_ls.training.pretrain import check_precision_supported, logged_params_norm
 from megatron_ls.training.steps import build_steps
 
 PAD_MULTIPLE = 8  # micro-batches are padded to their longest example, rounded up to this
@@ -228,8 +227,8 @@ def train_classification(args: Arguments) -> dict:
         summary["history"].append({"iteration": step, "split": split, **result})
         return result
 
-    collector = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
-    run_eval = collector.wrap_evaluation(run_eval)
+    hooks = LoopHooks(args)
+    run_eval = hooks.wrap_evaluation(run_eval)
 
     def save(step: int) -> None:
         faults.set_phase(f"saving the checkpoint of iteration {step} to {ck.save}")
@@ -260,10 +259,8 @@ def train_classification(args: Arguments) -> dict:
     counted_iter = counting(train_iter)
     # Non-finite steps as in pretraining: skipped and counted, --nonfinite-steps-limit in a row stop in one line.
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16)
-    exits, stop = early_exits(args), None
-    collector.start()
-    profiler = StepProfiler(lg.profile, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
-                            dist.get_rank(), lg.use_pytorch_profiler, lg.tensorboard_dir)
+    stop = None
+    hooks.start()
     if t.skip_train:
         print_rank_0(f" skipping training (--skip-train): evaluating the weights of iteration {iteration}")
     while not t.skip_train and iteration < t.train_iters:
@@ -296,15 +293,10 @@ def train_classification(args: Arguments) -> dict:
         saved_now = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)
         if saved_now:
             save(iteration)
-        collector.after_iteration(iteration)
-        profiler.step(iteration)
-        stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
-                else exits.check())  # the same on every rank
+        stop = hooks.after_iteration(iteration)  # the same on every rank
         if stop:
             exited_early = True
             break
-    exits.restore()
-    profiler.stop()
     if ck.save and not saved_now and iteration not in (0, loaded_iteration):
         save(iteration)  # the final state, or the one an early exit stops at
     if exited_early:
@@ -312,7 +304,7 @@ def train_classification(args: Arguments) -> dict:
     else:
         summary["valid"] = run_eval("valid", iteration, None)
         summary["test"] = run_eval("test", iteration, None)
-    collector.stop()
+    hooks.finish()
     summary.update(iteration=iteration, consumed_samples=consumed, skipped_iterations=skipped_total)
     if e.results_json and dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(e.results_json)), exist_ok=True)

@@ -15,10 +15,8 @@ from megatron_ls.arguments import Arguments, build_deepspeed_config
 from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
 from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import build_data_iterator
-from megatron_ls.training.exit_conditions import ExitConditions
-from megatron_ls.training.manual_gc import ManualGC
-from megatron_ls.training.profiling import StepProfiler
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
+from megatron_ls.training.loop_hooks import LoopHooks
 from megatron_ls.training.lr_schedule import build_scheduler
 from megatron_ls.training.metrics import (TensorboardWriter, format_eval_line, format_iteration_line,
                                           memory_stats_mb, model_flops_per_token)
@@ -168,8 +166,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             tb.scalars({f"bits per byte {name}": loss / math.log(2)}, step)
         return loss
 
-    collector = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
-    run_eval = collector.wrap_evaluation(run_eval)
+    hooks = LoopHooks(args)
+    run_eval = hooks.wrap_evaluation(run_eval)
 
     def save(step: int) -> None:
         nonlocal unchanged_in_save
@@ -199,11 +197,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
     skipped_total = 0
     exited_early = False
     nonfinite = faults.NonFiniteTracker(t.nonfinite_steps_limit, loss_scaling=t.fp16, loss_name=task.loss_name)
-    exits = early_exits(args)
-    collector.start()
-    profiler = StepProfiler(lg.profile, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
-                            dist.get_rank() if dist.is_initialized() else 0, lg.use_pytorch_profiler,
-                            lg.tensorboard_dir)
+    hooks.start()
     if t.skip_train:
         print_rank_0(f" skipping training (--skip-train): evaluating the weights of iteration {iteration}")
     while not t.skip_train and iteration < t.train_iters:
@@ -241,18 +235,13 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             run_eval("validation", valid_ds, iteration, "validation")
         if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
             save(iteration)
-        collector.after_iteration(iteration)
-        profiler.step(iteration)
-        stop = (f"(--exit-interval {lg.exit_interval})" if lg.exit_interval and iteration % lg.exit_interval == 0
-                else exits.check())  # the same on every rank
+        stop = hooks.after_iteration(iteration)  # the same on every rank
         if stop:
             if ck.save and not (ck.save_interval and iteration % ck.save_interval == 0):
                 save(iteration)
             print_rank_0(f" exiting program at iteration {iteration} {stop}")
             exited_early = True
             break
-    exits.restore()
-    profiler.stop()
     if not exited_early:
         if ck.save and not t.skip_train and not (ck.save_interval and iteration % ck.save_interval == 0):
             save(iteration)
@@ -260,7 +249,7 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         summary["test_loss"] = run_eval("test", test_ds, iteration, "test")
         if byte_level and summary["validation_loss"] is not None:
             summary["validation_bits_per_byte"] = summary["validation_loss"] / math.log(2)
-    collector.stop()
+    hooks.finish()
     summary.update(iteration=iteration, consumed_samples=consumed, skipped_iterations=skipped_total)
     if lg.tensorboard_dir:
         print_rank_0(f" tensorboard logs: {os.path.abspath(lg.tensorboard_dir)}")
@@ -278,17 +267,6 @@ def logged_params_norm(args: Arguments, steps: Steps, iteration: int) -> Optiona
     if not logs:
         return None
     return steps.params_norm()
-
-
-def early_exits(args: Arguments) -> ExitConditions:
-    """--exit-duration-in-mins / --exit-signal-handler for this run, the signal handler installed."""
-    lg = args.logging
-    exits = ExitConditions(lg.exit_duration_in_mins, lg.exit_signal_handler, lg.exit_signal)
-    if exits.active and not args.checkpoint.save:
-        print_rank_0(" warning: --exit-duration-in-mins / --exit-signal-handler without --save: an early exit "
-                     "keeps nothing to resume from")
-    exits.install()
-    return exits
 
 
 def run_main(main: Callable[[], Any]) -> None:
