@@ -266,6 +266,8 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
                         "pipeline recomputes uniform groups of layers); use --recompute-method uniform")
     if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
         problems.append("--exit-interval must be positive")
+    if args.checkpoint.save_retain_interval is not None and args.checkpoint.save_retain_interval <= 0:
+        problems.append(f"--save-retain-interval must be positive, got {args.checkpoint.save_retain_interval}")
     lg = args.logging
     if lg.profile:
         if not 0 <= lg.profile_step_start < lg.profile_step_end:

@@ -456,6 +456,8 @@ class CheckpointConfig:
     save: Optional[str] = _f(None, "Directory to save checkpoints to.")
     load: Optional[str] = _f(None, "Directory to load a checkpoint from (its 'latest' marker).")
     save_interval: Optional[int] = _f(None, "Save every this many iterations (and at the end).")
+    save_retain_interval: Optional[int] = _f(None, "Keep only the checkpoints whose iteration is a multiple of "
+                                                   "this, plus the newest; the others are deleted after each save.")
     no_load_optim: bool = _f(False, "Do not load optimizer state when loading a checkpoint.")
     no_load_rng: bool = _f(False, "Do not load RNG states when loading a checkpoint.")
     finetune: bool = _f(False, "Load weights only and restart iteration / data counters at 0.")

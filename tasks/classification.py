@@ -236,7 +236,8 @@ def train_classification(args: Arguments) -> dict:
                                              {"task": task_meta, "layout": {
                                                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
                                                  "pipeline_model_parallel_size": 1, "context_parallel_size": 1,
-                                                 "data_parallel_size": dp_size}})
+                                                 "data_parallel_size": dp_size}},
+                                             retain_interval=ck.save_retain_interval)
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 
     print_rank_0(f" classification task {e.task}: {num_classes} classes, pooling "

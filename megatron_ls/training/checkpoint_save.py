@@ -20,6 +20,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Any, Optional
 
@@ -190,11 +191,25 @@ def remove_stale(save_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def prune_checkpoints(save_dir: str, newest: int, retain_interval: int) -> list[str]:
+    """``--save-retain-interval``: delete the ``iter_N`` directories whose ``N`` is not a multiple of
+    ``retain_interval``, except ``newest`` (the one ``latest`` names). Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(save_dir)):
+        match = re.fullmatch(r"iter_(\d+)", name)
+        if match and int(match.group(1)) != newest and int(match.group(1)) % retain_interval:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples: int, args_dict: dict,
-                    rng_state: dict, extra_metadata: Optional[dict] = None) -> str:
+                    rng_state: dict, extra_metadata: Optional[dict] = None,
+                    retain_interval: Optional[int] = None) -> str:
     """Save engine + metadata + every rank's RNG state as ``save_dir/iter_N``, crash-safely (module docstring).
 
-    Collective. Raises :class:`CheckpointSaveError` on every rank when any rank's write failed.
+    Collective. Raises :class:`CheckpointSaveError` on every rank when any rank's write failed. With
+    ``retain_interval``, once the new checkpoint is published rank 0 deletes the earlier ones that are not kept.
     """
     tag = checkpoint_tag(iteration)
     tmp_tag = TMP_PREFIX + tag
@@ -235,6 +250,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples
                 publish(save_dir, tmp_dir, tag)
             except OSError as exc:
                 failure = _describe(exc)
+            if failure is None and retain_interval:
+                prune_checkpoints(save_dir, iteration, retain_interval)
     if _any_rank(failure is not None):
         reason = _first_failure(failure)
         if _rank() == 0:

@@ -183,7 +183,8 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
                                                  "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
                                                  "context_parallel_size": cp_size,
                                                  "context_parallel_layout": p.context_parallel_layout,
-                                                 "data_parallel_size": dp_size}, **task.metadata})
+                                                 "data_parallel_size": dp_size}, **task.metadata},
+                                             retain_interval=ck.save_retain_interval)
         unchanged_in_save = step
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 

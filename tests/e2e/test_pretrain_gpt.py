@@ -204,3 +204,13 @@ def test_skip_train_evaluates_the_checkpoint_and_writes_nothing(corpus_prefix, t
     def loss(text: str, split: str) -> str:
         return re.search(rf" {split} loss at iteration 3 \| lm loss value: (\S+)", text).group(1)
     assert loss(out, "validation") == loss(trained, "validation") and loss(out, "test") == loss(trained, "test")
+
+
+def test_save_retain_interval_keeps_multiples_and_the_newest(corpus_prefix, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_cli(pretrain_cmd(corpus_prefix, "--train-iters", "7", "--save", str(ckpt), "--save-interval", "1",
+                         "--save-retain-interval", "3"))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "iter_0000006", "iter_0000007", "latest"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000007"
+    bad = run_cli(pretrain_cmd(corpus_prefix, "--save-retain-interval", "0"), check=False)
+    assert bad.returncode != 0 and "--save-retain-interval must be positive, got 0" in bad.stderr
