@@ -48,14 +48,15 @@ def _sliced(batches: Iterator[dict], layout: ContextLayout) -> Iterator[dict]:
 def build_data_iterator(dataset: Any, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
                         data_parallel_size: int, num_workers: int = 0,
                         context_layout: Optional[ContextLayout] = None,
-                        collate_fn: Optional[Callable[[list], dict]] = None) -> Optional[Iterator[dict]]:
+                        collate_fn: Optional[Callable[[list], dict]] = None,
+                        worker_init_fn: Optional[Callable[[int], None]] = None) -> Optional[Iterator[dict]]:
     """An endless-enough iterator of this rank's micro-batches, starting after ``consumed_samples``.
 
     The sampler hands each data-parallel rank its slice of every global batch, so a restart with the saved
     ``consumed_samples`` continues with exactly the batch the uninterrupted run would have used. Sharding is over
     data-parallel ranks only: the context-parallel ranks of one DP rank read the same samples, and with
     ``context_layout`` (CP > 1) each keeps its own tokens of them. ``collate_fn`` defaults to
-    :func:`collate_tokens`.
+    :func:`collate_tokens`; ``worker_init_fn`` runs in each worker process (``worker_signal_init``).
     """
     if dataset is None or len(dataset) == 0:
         return None
@@ -66,7 +67,8 @@ def build_data_iterator(dataset: Any, consumed_samples: int, micro_batch_size: i
     # every dropout mask after a resume (the resumed run creates its iterator at a different point).
     loader = torch.utils.data.DataLoader(_IndexedView(dataset), batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate_fn or collate_tokens, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=num_workers > 0, generator=torch.Generator())
+                                         persistent_workers=num_workers > 0, generator=torch.Generator(),
+                                         worker_init_fn=worker_init_fn)
     if context_layout is not None and context_layout.cp > 1:
         return _sliced(iter(loader), context_layout)
     return iter(loader)

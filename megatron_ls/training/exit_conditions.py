@@ -9,14 +9,17 @@ launcher, ``kill`` on one process): the agreement makes every rank stop at the s
 """
 from __future__ import annotations
 
+import functools
+import os
 import signal
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExitConditions", "any_rank", "EXIT_SIGNALS"]
+__all__ = ["ExitConditions", "any_rank", "EXIT_SIGNALS", "worker_signal_init"]
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # The duration counts from here: the training modules import this one at process start (Megatron-LM also
@@ -78,3 +81,25 @@ class ExitConditions:
         if over_time:
             return f"after {minutes:.1f} minutes (--exit-duration-in-mins {self.duration_mins:g})"
         return None
+
+
+def _outlive_signal(signal_name: str, grace_s: float, worker_id: int) -> None:  # noqa: ARG001 - DataLoader's call
+    def deferred_exit(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
+        timer = threading.Timer(grace_s, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(getattr(signal, signal_name), deferred_exit)
+
+
+def worker_signal_init(signal_name: Optional[str], grace_s: float = 60.0) -> Optional[Callable[[int], None]]:
+    """A DataLoader ``worker_init_fn`` for runs with ``--exit-signal-handler``, else None.
+
+    Launchers and schedulers signal whole process groups (torchrun's ``killpg``, SLURM's job step), so the
+    DataLoader workers get the signal too; by default they die of it, and the training process then fails on its
+    next batch instead of saving. With this, a worker keeps serving batches for the last iteration and leaves
+    ``grace_s`` seconds later (sooner when the training process shuts it down or exits).
+    """
+    if signal_name is None:
+        return None
+    return functools.partial(_outlive_signal, signal_name, grace_s)

@@ -79,9 +79,13 @@ def test_sigterm_to_one_rank_saves_exits_and_resumes_exactly(corpus_prefix, refe
 
 @pytest.mark.distributed
 def test_sigterm_to_the_launcher_reaches_every_rank_which_saves(corpus_prefix, tmp_path):
-    """torchrun passes SIGTERM on to its workers (as a scheduler signalling the job step would): they save."""
+    """torchrun passes SIGTERM on to its workers' process groups (as a scheduler signalling the job step would):
+    they save, DataLoader worker processes included in the signal."""
     ckpt = str(tmp_path / "ckpt")
-    _, out = _interrupt(pretrain_cmd(corpus_prefix, *FLAGS, "--save", ckpt, "--exit-signal-handler"), "launcher")
+    # DataLoader workers: torchrun signals the trainer's whole process group, and a worker dying of it would
+    # fail the trainer's next batch; they outlive the signal (exit_conditions.worker_signal_init)
+    _, out = _interrupt(pretrain_cmd(corpus_prefix, *FLAGS, "--save", ckpt, "--exit-signal-handler",
+                                     "--num-workers", "2"), "launcher")
     match = EXITED.search(out)
     assert match and "SIGTERM" in match.group(2), out
     assert Path(ckpt, "latest").read_text().strip() == f"iter_{int(match.group(1)):07d}"
