@@ -206,9 +206,14 @@ def apply_checkpoint_args(parser: argparse.ArgumentParser, namespace: argparse.N
     the ``--load`` checkpoint's metadata, except those whose flag ``argv`` gives. Returns the destinations set."""
     from megatron_ls.checkpoint_files import CheckpointError, read_latest_tag, read_metadata
 
-    load = getattr(namespace, "checkpoint.load", None)
+    load, save = getattr(namespace, "checkpoint.load", None), getattr(namespace, "checkpoint.save", None)
     if not load:
         parser.error("--use-checkpoint-args needs --load DIR (the checkpoint to take the settings from)")
+    from megatron_ls.checkpoint_files import LATEST_FILE
+
+    if save and os.path.realpath(save) == os.path.realpath(load) and not os.path.isfile(os.path.join(load,
+                                                                                                 LATEST_FILE)):
+        return []  # the first run of a requeued job: nothing saved yet, the flags describe the model
     try:
         metadata = read_metadata(load, read_latest_tag(load))
     except (CheckpointError, OSError, ValueError) as exc:

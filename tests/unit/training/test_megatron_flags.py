@@ -227,6 +227,10 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint_and_keeps_given
     assert m.hidden_dropout == 0.1 and m.seed == 1234  # run choices stay the run's own
     assert (a.data.tokenizer_type, a.data.null_vocab_size) == ("NullTokenizer", 300)
     assert a.data.data_path != ["elsewhere"]  # data paths are never taken
+    fresh = str(tmp_path / "fresh")  # a requeued job's first run: nothing saved yet, the flags are used
+    a = parse_args(BASE + ["--load", fresh, "--save", fresh, "--use-checkpoint-args", "--num-layers", "5"],
+                   world_size=1)
+    assert a.model.num_layers == 5 and a.checkpoint.load is None
     for argv, message in ((["--use-checkpoint-args"], "--use-checkpoint-args needs --load DIR"),
                           (["--use-checkpoint-args", "--load", str(tmp_path / "none")], "--use-checkpoint-args: ")):
         with pytest.raises(SystemExit):
