@@ -32,6 +32,7 @@ setup(
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "flask>=3.0", "requests>=2.31",
                             "transformers==5.23.0", "megatron-core==0.16.1; platform_machine == 'x86_64'"],
                     "inference": ["flask>=3.0"],  # tools/run_text_generation_server.py
+                    "hf": ["transformers==5.23.0"],  # --tokenizer-type HuggingFaceTokenizer
                     "mpi": read_requirements("requirements-mpi.txt")},
     entry_points={
         "console_scripts": [

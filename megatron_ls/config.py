@@ -407,8 +407,9 @@ class DataConfig:
     reset_attention_mask: bool = _f(False, "Megatron's per-document attention: not supported by GPT-LS (refused).")
     tokenizer_type: str = _f("ByteTokenizer", "Tokenizer.",
                              choices=("ByteTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
-                                      "NullTokenizer"))
-    tokenizer_model: Optional[str] = _f(None, "SentencePiece model file.")
+                                      "HuggingFaceTokenizer", "NullTokenizer"))
+    tokenizer_model: Optional[str] = _f(None, "SentencePiece model file, or the local directory of a Hugging Face "
+                                              "tokenizer (HuggingFaceTokenizer).")
     vocab_file: Optional[str] = _f(None, "GPT-2 BPE vocab JSON.")
     merge_file: Optional[str] = _f(None, "GPT-2 BPE merges file.")
     null_vocab_size: Optional[int] = _f(None, "Vocabulary size for NullTokenizer.", flag="--vocab-size")
@@ -439,8 +440,8 @@ class DataConfig:
                 raise ValueError
         except ValueError:
             problems.append(f"--split {self.split!r} must be up to three non-negative numbers, e.g. 969,30,1")
-        if self.tokenizer_type == "SentencePieceTokenizer" and not self.tokenizer_model:
-            problems.append("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+        if self.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and not self.tokenizer_model:
+            problems.append(f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model")
         if self.tokenizer_type == "GPT2BPETokenizer" and not (self.vocab_file and self.merge_file):
             problems.append("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
         if self.tokenizer_type == "NullTokenizer" and not self.null_vocab_size:

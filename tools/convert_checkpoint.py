@@ -43,7 +43,8 @@ def main(argv=None) -> None:
                     help="tokenizer to export (default: the checkpoint's)")
     hf.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json (default: the checkpoint's)")
     hf.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (default: the checkpoint's)")
-    hf.add_argument("--tokenizer-model", default=None, help="SentencePiece model, copied along")
+    hf.add_argument("--tokenizer-model", default=None,
+                    help="SentencePiece model (copied along) or Hugging Face tokenizer directory (saved along)")
     args = p.parse_args(argv)
     if not args.save and not args.consolidated_dir and not args.to_hf:
         p.error("nothing to do: give --save, --consolidated-dir and/or --to-hf")

@@ -64,7 +64,8 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model file")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model file, or a Hugging Face tokenizer's local directory")
     g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
     g.add_argument("--vocab-size", type=int, default=None, help="vocab size for NullTokenizer")

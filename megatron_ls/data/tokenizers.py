@@ -115,6 +115,7 @@ TOKENIZER_TYPES = (
     "GPT2BPETokenizer",
     "SentencePieceTokenizer",
     "GPTSentencePieceTokenizer",
+    "HuggingFaceTokenizer",
     "NullTokenizer",
 )
 
@@ -141,6 +142,12 @@ def build_tokenizer(
         if vocab_file is None or merge_file is None:
             raise TokenizerError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
         return GPT2BPETokenizer(vocab_file, merge_file, *common)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        from megatron_ls.data.hf_tokenizer import HuggingFaceTokenizer
+
+        if tokenizer_model is None:
+            raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR")
+        return HuggingFaceTokenizer(tokenizer_model, *common)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size")

@@ -165,9 +165,17 @@ def export_hf(directory: str, config: TransformerConfig, state: dict, *, tokeniz
     stored = tensors["model.embed_tokens.weight"].dtype
     notes = []
     tokenizer = tokenizer or {}
-    tok_json, tok_config, note = tokenizer_files(tokenizer, config.seq_length)
-    notes.append(note)
-    eod = None
+    if tokenizer.get("tokenizer_type") == "HuggingFaceTokenizer":  # its own files, written by transformers
+        from megatron_ls.data.hf_tokenizer import HuggingFaceTokenizer
+
+        hf_tok = HuggingFaceTokenizer(tokenizer.get("tokenizer_model") or "")
+        hf_tok.save_pretrained(directory)
+        tok_json, tok_config, eod = None, None, hf_tok.eod
+        notes.append(f"tokenizer: the Hugging Face tokenizer of {hf_tok.model_dir} (EOD {eod})")
+    else:
+        tok_json, tok_config, note = tokenizer_files(tokenizer, config.seq_length)
+        notes.append(note)
+        eod = None
     if tok_json is not None:
         eod = tok_json["added_tokens"][0]["id"]
         _write_json(os.path.join(directory, "tokenizer.json"), tok_json)
@@ -175,7 +183,7 @@ def export_hf(directory: str, config: TransformerConfig, state: dict, *, tokeniz
     elif tokenizer.get("tokenizer_type") == "ByteTokenizer":
         eod = 256
     model_file = tokenizer.get("tokenizer_model")
-    if model_file and os.path.isfile(model_file):
+    if model_file and os.path.isfile(model_file) and tokenizer.get("tokenizer_type") != "HuggingFaceTokenizer":
         shutil.copyfile(model_file, os.path.join(directory, "tokenizer.model"))
     tmp = os.path.join(directory, ".model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
