@@ -280,6 +280,13 @@ class TrainingConfig:
     lr_wsd_decay_iters: Optional[int] = _f(None, "WSD: iterations of the final anneal.")
     lr_wsd_decay_samples: Optional[int] = _f(None, "WSD: samples of the final anneal (sample-based training).")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
+    start_weight_decay: Optional[float] = _f(None, "Weight decay at the start of an incrementing schedule "
+                                                   "(--weight-decay-incr-style linear|cosine).")
+    end_weight_decay: Optional[float] = _f(None, "Weight decay at the end of training (linear|cosine schedule).")
+    weight_decay_incr_style: str = _f("constant", "Weight decay over training: constant (--weight-decay), or "
+                                                  "from --start-weight-decay to --end-weight-decay, linear or "
+                                                  "cosine (Megatron-LM's schedule).",
+                                      choices=("constant", "linear", "cosine"))
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
@@ -384,6 +391,15 @@ def schedule_problems(t: TrainingConfig, global_batch_size: int) -> list[str]:
             problems.append(f"--lr-wsd-decay-{unit} {wsd} must be in [1, the decay length {length}]")
     if t.lr_warmup_init > t.lr:
         problems.append(f"--lr-warmup-init {t.lr_warmup_init} is larger than --lr {t.lr}")
+    if t.weight_decay_incr_style == "constant":
+        given = [f for f, v in (("--start-weight-decay", t.start_weight_decay),
+                                ("--end-weight-decay", t.end_weight_decay)) if v is not None and v != t.weight_decay]
+        if given:
+            problems.append(f"{', '.join(given)}: a changing weight decay needs --weight-decay-incr-style linear or "
+                            f"cosine")
+    elif t.start_weight_decay is None or t.end_weight_decay is None:
+        problems.append(f"--weight-decay-incr-style {t.weight_decay_incr_style} needs --start-weight-decay and "
+                        f"--end-weight-decay")
     return problems
 
 

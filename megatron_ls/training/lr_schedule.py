@@ -41,7 +41,8 @@ class OptimizerParamScheduler:
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, max_lr: float, min_lr: float, warmup_steps: float,
                  decay_steps: float, decay_style: str, init_lr: float = 0.0, increment: int = 1,
-                 wsd_decay_steps: Optional[float] = None, wsd_decay_style: str = "exponential") -> None:
+                 wsd_decay_steps: Optional[float] = None, wsd_decay_style: str = "exponential",
+                 weight_decay: Optional[tuple[float, float, str, float]] = None) -> None:
         if decay_style not in DECAY_STYLES:
             raise ValueError(f"--lr-decay-style {decay_style!r} must be one of {DECAY_STYLES}")
         if decay_style == "WSD" and not wsd_decay_steps:
@@ -54,8 +55,10 @@ class OptimizerParamScheduler:
         self.increment = increment
         self.wsd_decay_steps = wsd_decay_steps
         self.wsd_decay_style = wsd_decay_style
+        # (start, end, style, length in schedule units); None leaves each group's weight decay as built
+        self.weight_decay = weight_decay
         self.num_steps = 0
-        self._apply(self.get_lr(1))
+        self._apply(1)
 
     def lr_at(self, position: float) -> float:
         """Megatron-LM's ``get_lr`` at ``position`` schedule units."""
@@ -82,9 +85,24 @@ class OptimizerParamScheduler:
         """Learning rate used by optimizer step number ``step`` (1-based)."""
         return self.lr_at(step * self.increment)
 
-    def _apply(self, lr: float) -> None:
+    def wd_at(self, position: float) -> float:
+        """Megatron-LM's ``get_wd``: from start to end over the schedule length, linear or cosine."""
+        start, end, style, length = self.weight_decay
+        if style == "constant" or position > length:
+            return end
+        ratio = position / max(length, 1)
+        coeff = ratio if style == "linear" else 0.5 * (math.cos(math.pi * (1.0 - ratio)) + 1.0)
+        return start + coeff * (end - start)
+
+    def _apply(self, step: int) -> None:
+        """Set the learning rate (and a scheduled weight decay) of optimizer step ``step`` on every group."""
+        lr = self.get_lr(step)
+        wd = None if self.weight_decay is None else self.wd_at(step * self.increment)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if wd is not None:
+                # checkpoints older than wd_mult: the decayed group is the one with a non-zero weight decay
+                group["weight_decay"] = wd * group.get("wd_mult", 1.0 if group["weight_decay"] > 0 else 0.0)
 
     @property
     def current_lr(self) -> float:
@@ -93,7 +111,7 @@ class OptimizerParamScheduler:
     def step(self) -> None:
         """Called by DeepSpeed after each optimizer step: set the lr for the next one."""
         self.num_steps += 1
-        self._apply(self.get_lr(self.num_steps + 1))
+        self._apply(self.num_steps + 1)
 
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps, "max_lr": self.max_lr, "min_lr": self.min_lr,
@@ -103,7 +121,7 @@ class OptimizerParamScheduler:
     def load_state_dict(self, state: dict) -> None:
         # The schedule's shape comes from the current flags; only the position (optimizer steps) is restored.
         self.num_steps = int(state["num_steps"])
-        self._apply(self.get_lr(self.num_steps + 1))
+        self._apply(self.num_steps + 1)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig) -> OptimizerParamScheduler:
@@ -118,6 +136,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig) -> Opti
         warmup, wsd = t.lr_warmup_iters, t.lr_wsd_decay_iters
     if t.lr_warmup_fraction is not None:
         warmup = t.lr_warmup_fraction * decay
+    weight_decay = None
+    if t.weight_decay_incr_style != "constant":  # Megatron: over all of training, in the schedule's units
+        length = t.train_samples if t.train_samples is not None else t.train_iters
+        weight_decay = (t.start_weight_decay, t.end_weight_decay, t.weight_decay_incr_style, length)
     return OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr, warmup_steps=warmup,
                                    decay_steps=decay, decay_style=t.lr_decay_style, init_lr=t.lr_warmup_init,
-                                   increment=increment, wsd_decay_steps=wsd, wsd_decay_style=t.lr_wsd_decay_style)
+                                   increment=increment, wsd_decay_steps=wsd, wsd_decay_style=t.lr_wsd_decay_style,
+                                   weight_decay=weight_decay)

@@ -21,11 +21,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    groups = []
+    groups = []  # wd_mult: what a weight-decay schedule multiplies (Megatron's name)
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
+        groups.append({"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0})
     return groups
 
 

@@ -63,7 +63,8 @@ def test_recomputation_keeps_losses_exactly_and_sample_based_wsd_logs_hand_compu
     # dropout on: the recomputed forward must redraw the same masks (TP tracker replayed)
     flags = ["--train-samples", "26", "--global-batch-size", "4", "--lr", "0.004", "--min-lr", "0.0004",
              "--lr-warmup-fraction", "0.25", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear",
-             "--lr-wsd-decay-samples", "8", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+             "--lr-wsd-decay-samples", "8", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+             "--weight-decay-incr-style", "linear", "--start-weight-decay", "0.01", "--end-weight-decay", "0.1"]
     runs = {}
     # (the second run also collects garbage by hand: --manual-gc changes when, never what, is computed)
     for name, extra in {"plain": [], "selective": ["--recompute-granularity", "selective", "--manual-gc",

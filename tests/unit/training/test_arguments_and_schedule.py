@@ -120,3 +120,40 @@ def test_iteration_line_has_megatron_shape():
                     "throughput per GPU (TFLOP/s/GPU): 0.400 | tokens per second per GPU: 25000 | "
                     "learning rate: 1.000000E-03 | global batch size: 8 | lm loss: 2.345678E+00 | loss scale: 1.0 | "
                     "grad norm: 0.812 | number of skipped iterations: 0 |")
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_weight_decay_schedule_moves_the_decayed_group_only(style):
+    import math
+
+    from megatron_ls.training.lr_schedule import build_scheduler
+    from megatron_ls.training.optimizer import build_optimizer
+
+    args = parse_args(["--data-path", "x", "--train-iters", "8", "--weight-decay-incr-style", style,
+                       "--start-weight-decay", "0.0", "--end-weight-decay", "0.1"], world_size=1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = build_optimizer(model, args.training)
+    scheduler = build_scheduler(optimizer, args.training)
+    seen = []
+    for _ in range(10):
+        decayed, plain = (g["weight_decay"] for g in optimizer.param_groups)
+        seen.append(decayed)
+        assert plain == 0.0
+        scheduler.step()
+
+    def want(step: int) -> float:  # Megatron's get_wd at position `step` of 8 (ours: step k at k, like the lr)
+        ratio = min(step / 8, 1.0)
+        coeff = ratio if style == "linear" else 0.5 * (math.cos(math.pi * (1 - ratio)) + 1)
+        return 0.1 if step > 8 else 0.1 * coeff
+    assert seen == pytest.approx([want(k) for k in range(1, 11)])
+    resumed = build_scheduler(build_optimizer(model, args.training), args.training)
+    resumed.load_state_dict(scheduler.state_dict())  # the position comes back, and with it the weight decay
+    assert resumed.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+
+
+def test_weight_decay_schedule_flags_are_checked(capsys):
+    for argv, message in ((["--start-weight-decay", "0.2"], "a changing weight decay needs --weight-decay-incr-style"),
+                          (["--weight-decay-incr-style", "cosine"], "needs --start-weight-decay and --end-weight-decay")):
+        with pytest.raises(SystemExit):
+            parse_args(["--data-path", "x", *argv], world_size=1)
+        assert message in capsys.readouterr().err
