@@ -70,13 +70,16 @@ def test_trains_reports_accuracy_saves_and_resumes_exactly(listops_prefix, tmp_p
 def test_exit_duration_saves_and_stops(listops_prefix, tmp_path):
     """The Megatron early exits, --log-params-norm and --skip-train work in this loop too (one rank; signals:
     tests/e2e/test_early_exit.py)."""
+    # (with the Llama-style switches: the classifier's layers and final norm follow them too)
     out = run_cli(tasks_cmd(listops_prefix, "--train-iters", "4", "--save", str(tmp_path / "c"),
-                            "--exit-duration-in-mins", "0.0001", "--log-params-norm")).stdout
+                            "--exit-duration-in-mins", "0.0001", "--log-params-norm", "--normalization", "RMSNorm",
+                            "--swiglu", "--disable-bias-linear")).stdout
     assert "exiting program at iteration 1 after " in out and "(--exit-duration-in-mins 0.0001)" in out
     assert " | grad norm: " in out and " | params norm: " in out  # --log-params-norm in this loop too
     assert (tmp_path / "c" / "latest").read_text().strip() == "iter_0000001" and "metrics for test" not in out
     evaluated = run_cli(tasks_cmd(listops_prefix, "--train-iters", "4", "--load", str(tmp_path / "c"), "--save",
-                                  str(tmp_path / "c"), "--skip-train")).stdout
+                                  str(tmp_path / "c"), "--skip-train", "--normalization", "RMSNorm", "--swiglu",
+                                  "--disable-bias-linear")).stdout
     assert "evaluating the weights of iteration 1" in evaluated and "metrics for test at iteration 1" in evaluated
     assert not iteration_losses(evaluated) and sorted(p.name for p in (tmp_path / "c").iterdir()) == [
         "iter_0000001", "latest"]
