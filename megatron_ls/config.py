@@ -475,6 +475,9 @@ class CheckpointConfig:
     save_interval: Optional[int] = _f(None, "Save every this many iterations (and at the end).")
     save_retain_interval: Optional[int] = _f(None, "Keep only the checkpoints whose iteration is a multiple of "
                                                    "this, plus the newest; the others are deleted after each save.")
+    no_save_optim: bool = _f(False, "Save weights, counters and LR schedule but no optimizer state (smaller; "
+                                    "resume with --no-load-optim or --finetune).")
+    no_save_rng: bool = _f(False, "Save no RNG states (a resume then draws other dropout masks).")
     no_load_optim: bool = _f(False, "Do not load optimizer state when loading a checkpoint.")
     no_load_rng: bool = _f(False, "Do not load RNG states when loading a checkpoint.")
     finetune: bool = _f(False, "Load weights only and restart iteration / data counters at 0.")

@@ -232,12 +232,14 @@ def train_classification(args: Arguments) -> dict:
 
     def save(step: int) -> None:
         faults.set_phase(f"saving the checkpoint of iteration {step} to {ck.save}")
-        path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args), get_rng_state_dict(),
+        path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args),
+                                             None if ck.no_save_rng else get_rng_state_dict(),
                                              {"task": task_meta, "layout": {
                                                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
                                                  "pipeline_model_parallel_size": 1, "context_parallel_size": 1,
                                                  "data_parallel_size": dp_size}},
-                                             retain_interval=ck.save_retain_interval)
+                                             retain_interval=ck.save_retain_interval,
+                                             save_optimizer=not ck.no_save_optim)
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 
     print_rank_0(f" classification task {e.task}: {num_classes} classes, pooling "

@@ -203,13 +203,29 @@ def prune_checkpoints(save_dir: str, newest: int, retain_interval: int) -> list[
     return removed
 
 
+def strip_optimizer_state(ckpt_dir: str) -> None:
+    """``--no-save-optim``: remove DeepSpeed's optimizer files (ZeRO / bf16 partitions) and the optimizer state
+    the plain engine keeps inside ``mp_rank_XX_model_states.pt``; weights, counters and schedule stay."""
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if name.endswith("optim_states.pt"):
+            os.remove(path)
+        elif name.startswith("mp_rank_") and name.endswith("_model_states.pt"):
+            states = safe_torch_load(path)
+            if states.get("optimizer") is not None:
+                states["optimizer"] = None
+                durable_torch_save(states, path)
+
+
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples: int, args_dict: dict,
-                    rng_state: dict, extra_metadata: Optional[dict] = None,
-                    retain_interval: Optional[int] = None) -> str:
+                    rng_state: Optional[dict], extra_metadata: Optional[dict] = None,
+                    retain_interval: Optional[int] = None, save_optimizer: bool = True) -> str:
     """Save engine + metadata + every rank's RNG state as ``save_dir/iter_N``, crash-safely (module docstring).
 
     Collective. Raises :class:`CheckpointSaveError` on every rank when any rank's write failed. With
     ``retain_interval``, once the new checkpoint is published rank 0 deletes the earlier ones that are not kept.
+    ``rng_state=None`` saves no RNG states (``--no-save-rng``); ``save_optimizer=False`` drops the optimizer
+    state before the checkpoint is published (``--no-save-optim``).
     """
     tag = checkpoint_tag(iteration)
     tmp_tag = TMP_PREFIX + tag
@@ -234,12 +250,20 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples
             ckpt_engine.record(exc)
         failure = ckpt_engine.failure
         try:
-            if failure is None:
+            if failure is None and rng_state is not None:
                 durable_torch_save(rng_state, os.path.join(tmp_dir, "rng", f"rank_{_rank():05d}.pt"))
-            if failure is None and _rank() == 0:
+        except OSError as exc:
+            failure = _describe(exc)
+        # every rank's files are written before rank 0 strips optimizer state or writes the metadata
+        failed_before = _any_rank(failure is not None)
+        try:
+            if not failed_before and _rank() == 0:
+                if not save_optimizer:
+                    strip_optimizer_state(tmp_dir)
                 metadata = {"format_version": FORMAT_VERSION, "iteration": iteration,
                             "consumed_samples": consumed_samples,
-                            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "args": args_dict}
+                            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "args": args_dict,
+                            "optimizer_saved": save_optimizer, "rng_saved": rng_state is not None}
                 metadata.update(extra_metadata or {})
                 atomic_write_text(os.path.join(tmp_dir, METADATA_FILE),
                                   json.dumps(metadata, indent=2, default=str))

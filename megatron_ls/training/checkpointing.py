@@ -197,6 +197,9 @@ def load_checkpoint(engine: Any, load_dir: str, *, load_optimizer: bool = True, 
     if metadata.get("weights_only") and not finetune:
         raise CheckpointError(f"--load {load_dir} holds re-sharded weights only (tools/convert_checkpoint.py found "
                               f"no optimizer state to carry over): continue from it with --finetune")
+    if metadata.get("optimizer_saved") is False and load_optimizer and not finetune:
+        raise CheckpointError(f"--load {load_dir} was saved with --no-save-optim (no optimizer state): resume with "
+                              f"--no-load-optim (weights, counters and schedule; a fresh optimizer) or --finetune")
     install_safe_checkpoint_engine(engine)
     load_optimizer = load_optimizer and not finetune
     try:

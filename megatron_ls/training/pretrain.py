@@ -131,6 +131,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         iteration, consumed = loaded.iteration, loaded.consumed_samples
         if rng_state is not None:
             set_rng_state_dict(rng_state)
+        elif loaded.metadata.get("rng_saved") is False and not (ck.no_load_rng or ck.finetune):
+            print_rank_0(" RNG states not restored: the checkpoint was saved with --no-save-rng (dropout masks "
+                         "differ from an uninterrupted run)")
         elif not (ck.no_load_rng or ck.finetune):
             print_rank_0(f" RNG states not restored: saved by {loaded.metadata.get('world_size')} ranks, "
                          f"{world} now (dropout masks differ from an uninterrupted run)")
@@ -180,13 +183,14 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             return
         faults.set_phase(f"saving the checkpoint of iteration {step} to {ck.save}")
         path = checkpointing.save_checkpoint(engine, ck.save, step, consumed, _args_dict(args),
-                                             get_rng_state_dict(), {"layout": {
+                                             None if ck.no_save_rng else get_rng_state_dict(), {"layout": {
                                                  "tensor_model_parallel_size": p.tensor_model_parallel_size,
                                                  "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
                                                  "context_parallel_size": cp_size,
                                                  "context_parallel_layout": p.context_parallel_layout,
                                                  "data_parallel_size": dp_size}, **task.metadata},
-                                             retain_interval=ck.save_retain_interval)
+                                             retain_interval=ck.save_retain_interval,
+                                             save_optimizer=not ck.no_save_optim)
         unchanged_in_save = step
         print_rank_0(f" saved checkpoint at iteration {step} to {path}")
 

@@ -214,3 +214,30 @@ def test_save_retain_interval_keeps_multiples_and_the_newest(corpus_prefix, tmp_
     assert (ckpt / "latest").read_text().strip() == "iter_0000007"
     bad = run_cli(pretrain_cmd(corpus_prefix, "--save-retain-interval", "0"), check=False)
     assert bad.returncode != 0 and "--save-retain-interval must be positive, got 0" in bad.stderr
+
+
+@pytest.mark.parametrize("layout", [[], pytest.param(["--zero-stage", "1"], marks=pytest.mark.distributed)],
+                         ids=["plain", "dp2-zero1"])
+def test_no_save_optim_and_rng_give_a_smaller_checkpoint_that_resumes_with_no_load_optim(corpus_prefix, tmp_path,
+                                                                                          layout):
+    import sys
+
+    from megatron_ls.checkpoint_files import safe_torch_load
+
+    def cmd(*extra: str) -> list:
+        base = pretrain_cmd(corpus_prefix, "--train-iters", "4", *layout, *extra)
+        if not layout:
+            return base
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *base[1:]]
+
+    ckpt = tmp_path / "ckpt"
+    run_cli(cmd("--save", str(ckpt), "--exit-interval", "2", "--no-save-optim", "--no-save-rng"), timeout=300)
+    files = sorted(p.name for p in (ckpt / "iter_0000002").iterdir())
+    assert not [f for f in files if f.endswith("optim_states.pt")] and "rng" in files
+    assert not list((ckpt / "iter_0000002" / "rng").iterdir())
+    assert safe_torch_load(str(ckpt / "iter_0000002" / "mp_rank_00_model_states.pt")).get("optimizer") is None
+    refused = run_cli(cmd("--load", str(ckpt)), check=False, timeout=300)
+    assert refused.returncode != 0 and "saved with --no-save-optim" in refused.stderr
+    out = run_cli(cmd("--load", str(ckpt), "--no-load-optim"), timeout=300).stdout
+    assert "loaded checkpoint from" in out and "saved with --no-save-rng" in out
+    assert sorted(iteration_losses(out)) == [3, 4]
