@@ -271,6 +271,9 @@ def validate_arguments(args: Arguments, world_size: int, require_data: bool = Tr
                         "pipeline recomputes uniform groups of layers); use --recompute-method uniform")
     if args.logging.exit_interval is not None and args.logging.exit_interval <= 0:
         problems.append("--exit-interval must be positive")
+    if args.checkpoint.no_save_optim and args.parallel.zero_stage == 3:
+        problems.append("--no-save-optim with --zero-stage 3: ZeRO-3 keeps the weights themselves only in its "
+                        "optimizer partitions, so nothing loadable would be left; save with the optimizer state")
     if args.checkpoint.save_retain_interval is not None and args.checkpoint.save_retain_interval <= 0:
         problems.append(f"--save-retain-interval must be positive, got {args.checkpoint.save_retain_interval}")
     lg = args.logging

@@ -105,6 +105,7 @@ def test_schedule_resumes_at_its_position():
      "--recompute-method block is not available with pipeline parallelism"),
     (["--overlap-grad-reduce"], "--overlap-grad-reduce overlaps ZeRO's gradient reduction: use it with --zero-stage"),
     (["--hysteresis", "0"], "--hysteresis must be >= 1, got 0"),
+    (["--no-save-optim", "--zero-stage", "3"], "ZeRO-3 keeps the weights themselves only in its optimizer"),
     (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "tb", "--profile-step-start", "3",
       "--profile-step-end", "3"], "need 0 <= start < end"),
     (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler writes its trace into --tensorboard-dir"),
