@@ -174,18 +174,23 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatro
     return args
 
 
+def _fresh_requeue_dir(load: Optional[str], save: Optional[str]) -> bool:
+    """``--load`` is the ``--save`` directory and holds no checkpoint yet (no ``latest``, no ``iter_*``)."""
+    if not (load and save) or os.path.realpath(load) != os.path.realpath(save):
+        return False
+    from megatron_ls.checkpoint_files import LATEST_FILE
+
+    entries = os.listdir(load) if os.path.isdir(load) else []
+    return LATEST_FILE not in entries and not any(e.startswith("iter_") for e in entries)
+
+
 def first_run_of_requeued_job(args: Arguments) -> None:
     """Megatron's requeue habit: every submission passes ``--load X --save X``, and the first finds nothing to
     load. When ``--load`` is the ``--save`` directory and holds no checkpoint yet (no ``latest``, no ``iter_*``),
     the run starts from scratch (``args.extra.load_note`` says so) unless ``--exit-on-missing-checkpoint``. A
     ``--load`` of any other directory is left to fail naming it: a typo must not silently restart training."""
     ck = args.checkpoint
-    if not (ck.load and ck.save) or os.path.realpath(ck.load) != os.path.realpath(ck.save):
-        return
-    from megatron_ls.checkpoint_files import LATEST_FILE
-
-    entries = os.listdir(ck.load) if os.path.isdir(ck.load) else []
-    if LATEST_FILE in entries or any(e.startswith("iter_") for e in entries) or ck.exit_on_missing_checkpoint:
+    if ck.exit_on_missing_checkpoint or not _fresh_requeue_dir(ck.load, ck.save):
         return
     args.extra.load_note = (f" no checkpoint in --load {ck.load} yet (it is the --save directory): starting from "
                             f"scratch (--exit-on-missing-checkpoint makes this an error)")
@@ -206,13 +211,10 @@ def apply_checkpoint_args(parser: argparse.ArgumentParser, namespace: argparse.N
     the ``--load`` checkpoint's metadata, except those whose flag ``argv`` gives. Returns the destinations set."""
     from megatron_ls.checkpoint_files import CheckpointError, read_latest_tag, read_metadata
 
-    load, save = getattr(namespace, "checkpoint.load", None), getattr(namespace, "checkpoint.save", None)
+    load = getattr(namespace, "checkpoint.load", None)
     if not load:
         parser.error("--use-checkpoint-args needs --load DIR (the checkpoint to take the settings from)")
-    from megatron_ls.checkpoint_files import LATEST_FILE
-
-    if save and os.path.realpath(save) == os.path.realpath(load) and not os.path.isfile(os.path.join(load,
-                                                                                                 LATEST_FILE)):
+    if _fresh_requeue_dir(load, getattr(namespace, "checkpoint.save", None)):
         return []  # the first run of a requeued job: nothing saved yet, the flags describe the model
     try:
         metadata = read_metadata(load, read_latest_tag(load))

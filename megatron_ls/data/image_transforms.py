@@ -90,7 +90,6 @@ def random_erase(x: torch.Tensor, rng: np.random.Generator, area: tuple[float, f
     return x
 
 
-
 @dataclass
 class ImageTransform:
     """uint8 ``(C, H, W)`` -> normalised float ``(C, img_h, img_w)``; ``train`` turns augmentation on."""

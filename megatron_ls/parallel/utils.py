@@ -1,7 +1,10 @@
-"""Small helpers shared by the parallel layers: exact division and last-dim splitting."""
+"""Small helpers shared by the parallel code: exact division, last-dim splitting, an any-rank vote."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+import torch.distributed as dist
 
 
 def divide(numerator: int, denominator: int, what: str | None = None) -> int:
@@ -29,3 +32,14 @@ def split_tensor_along_last_dim(tensor: torch.Tensor, num_partitions: int,
     if contiguous_split_chunks:
         return tuple(c.contiguous() for c in chunks)
     return chunks
+
+
+def any_rank(flags: Sequence[bool]) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks, known to every rank (one all-reduce; local without a group)."""
+    if not dist.is_initialized():
+        return [bool(f) for f in flags]
+    value = torch.tensor([1.0 if f else 0.0 for f in flags])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in value.tolist()]

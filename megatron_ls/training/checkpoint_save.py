@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron_ls.checkpoint_files import (FORMAT_VERSION, LATEST_FILE, METADATA_FILE, CheckpointError,
                                           atomic_write_text, checkpoint_tag, displaced_tag, durable_torch_save,
                                           fsync_dir, safe_torch_load)
-from megatron_ls.training.exit_conditions import any_rank
+from megatron_ls.parallel.utils import any_rank
 
 TMP_PREFIX = ".tmp-"
 

@@ -14,28 +14,16 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
-import torch
-import torch.distributed as dist
+from megatron_ls.parallel.utils import any_rank
 
-__all__ = ["ExitConditions", "any_rank", "EXIT_SIGNALS", "worker_signal_init"]
+__all__ = ["ExitConditions", "EXIT_SIGNALS", "worker_signal_init"]
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # The duration counts from here: the training modules import this one at process start (Megatron-LM also
 # measures from process start, since a scheduler's limit is on the whole job).
 _PROCESS_START = time.time()
-
-
-def any_rank(flags: Sequence[bool]) -> list[bool]:
-    """Element-wise OR of ``flags`` over all ranks, known to every rank (one all-reduce; local without a group)."""
-    if not dist.is_initialized():
-        return [bool(f) for f in flags]
-    value = torch.tensor([1.0 if f else 0.0 for f in flags])
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in value.tolist()]
 
 
 class ExitConditions:

@@ -7,7 +7,7 @@ from typing import Callable, Optional, TypeVar
 import torch.distributed as dist
 
 from megatron_ls.arguments import Arguments
-from megatron_ls.training.exit_conditions import ExitConditions
+from megatron_ls.training.exit_conditions import ExitConditions, worker_signal_init
 from megatron_ls.training.manual_gc import ManualGC
 from megatron_ls.training.profiling import StepProfiler
 
@@ -32,6 +32,8 @@ class LoopHooks:
         if self.exits.active and not args.checkpoint.save:
             _print_rank_0(" warning: --exit-duration-in-mins / --exit-signal-handler without --save: an early exit "
                           "keeps nothing to resume from")
+        # DataLoader workers outlive --exit-signal so the last iteration still gets its batches
+        self.worker_init_fn = worker_signal_init(self.exits.signal_name)
         self.collector = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
         self._profile = (lg.profile, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
                          lg.use_pytorch_profiler, lg.tensorboard_dir)

@@ -88,7 +88,7 @@ class OptimizerParamScheduler:
     def wd_at(self, position: float) -> float:
         """Megatron-LM's ``get_wd``: from start to end over the schedule length, linear or cosine."""
         start, end, style, length = self.weight_decay
-        if style == "constant" or position > length:
+        if position > length:
             return end
         ratio = position / max(length, 1)
         coeff = ratio if style == "linear" else 0.5 * (math.cos(math.pi * (1.0 - ratio)) + 1.0)

@@ -15,7 +15,6 @@ from megatron_ls.arguments import Arguments, build_deepspeed_config
 from megatron_ls.config import ConfigError, TransformerConfig, config_to_dict
 from megatron_ls.training import checkpointing, faults
 from megatron_ls.training.data_loading import build_data_iterator
-from megatron_ls.training.exit_conditions import worker_signal_init
 from megatron_ls.training.initialize import initialize_megatron_ls, shutdown
 from megatron_ls.training.loop_hooks import LoopHooks
 from megatron_ls.training.lr_schedule import build_scheduler
@@ -144,9 +143,9 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
         print_rank_0(args.extra.load_note)
 
     mb = t.micro_batch_size
+    hooks = LoopHooks(args)
     train_iter = build_data_iterator(train_ds, consumed, mb, dp_rank, dp_size, args.data.num_workers, cp_layout,
-                                     collate_fn=task.collate_fn, worker_init_fn=worker_signal_init(
-                                         lg.exit_signal if lg.exit_signal_handler else None))
+                                     collate_fn=task.collate_fn, worker_init_fn=hooks.worker_init_fn)
     flops_per_token = task.flops_per_token if task.flops_per_token is not None else model_flops_per_token(args.model)
     tokens_per_iter = t.global_batch_size * args.model.seq_length
     tb = TensorboardWriter(lg.tensorboard_dir, enabled=dist.get_rank() == world - 1)
@@ -171,7 +170,6 @@ def pretrain(args: Arguments, model_provider: ModelProvider,
             tb.scalars({f"bits per byte {name}": loss / math.log(2)}, step)
         return loss
 
-    hooks = LoopHooks(args)
     run_eval = hooks.wrap_evaluation(run_eval)
 
     def save(step: int) -> None:

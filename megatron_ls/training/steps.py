@@ -74,8 +74,10 @@ def unclipped_grad_norm(module: torch.nn.Module) -> float:
 def parameters_norm(module: torch.nn.Module) -> float:
     """Global L2 norm of the weights (Megatron's ``--log-params-norm``), counted once whatever the layout; under
     ZeRO-3 from each rank's partition (a collective over the data-parallel group)."""
-    return _global_l2_norm(module, lambda param: getattr(param, "ds_tensor", None)
-                           if getattr(param, "ds_tensor", None) is not None else param.data)
+    def weight(param: torch.nn.Parameter) -> torch.Tensor:
+        partition = getattr(param, "ds_tensor", None)
+        return param.data if partition is None else partition
+    return _global_l2_norm(module, weight)
 
 
 class _GradNormRecorder:

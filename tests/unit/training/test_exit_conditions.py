@@ -7,7 +7,8 @@ import time
 import pytest
 
 from megatron_ls.arguments import parse_args
-from megatron_ls.training.exit_conditions import ExitConditions, any_rank
+from megatron_ls.parallel.utils import any_rank
+from megatron_ls.training.exit_conditions import ExitConditions
 
 
 def test_signal_is_recorded_and_the_old_handler_restored():
